@@ -1,0 +1,109 @@
+"""One mechanism for every layout: view a kv-dependent tensor as stacked kv heads, build the new heads
+(merge a group for pool, copy for expand), and lay them out again. Works on meta tensors too, which is
+how the converter learns every output shape before it writes a byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from gqa_convert.architectures import FUSED_CONCAT, FUSED_GROUPED, PER_HEAD, ROWS, KvTensor
+from gqa_convert.merging import MergeContext, MergeFn, merge_first
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """New kv head n is made from old kv heads groups[n] by `merge` (groups of one are copies)."""
+
+    num_heads: int
+    old_kv: int
+    groups: tuple[tuple[int, ...], ...]
+    head_dim: int
+    merge: MergeFn = merge_first
+    seed: int = 0
+    init_std: float = 0.02
+    # query_order[j] = the source query head that becomes query head j (None: unchanged)
+    query_order: tuple[int, ...] | None = field(default=None)
+
+    @property
+    def new_kv(self) -> int:
+        return len(self.groups)
+
+
+def contiguous_groups(old_kv: int, new_kv: int) -> tuple[tuple[int, ...], ...]:
+    """transformers' rule: query head j reads kv head j // (nh / nkv), so groups are contiguous."""
+    size = old_kv // new_kv
+    return tuple(tuple(range(g * size, (g + 1) * size)) for g in range(new_kv))
+
+
+def expand_groups(old_kv: int, num_heads: int) -> tuple[tuple[int, ...], ...]:
+    """Exact MHA: query head j gets a copy of the kv head it read."""
+    return tuple((j // (num_heads // old_kv),) for j in range(num_heads))
+
+
+def regroup_heads(heads: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+    """(old_kv, *head) -> (new_kv, *head)."""
+    assert heads.shape[0] == plan.old_kv, (name, heads.shape, plan.old_kv)
+    new = []
+    for index, group in enumerate(plan.groups):
+        context = MergeContext(f"{name}#{index}", kind, plan.seed, plan.init_std)
+        new.append(plan.merge(heads[list(group)], context))
+    return torch.stack(new)
+
+
+def _rows(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+    block = tensor.shape[0] // plan.old_kv
+    heads = tensor.reshape(plan.old_kv, block, *tensor.shape[1:])
+    return regroup_heads(heads, plan, name, kind).reshape(plan.new_kv * block, *tensor.shape[1:])
+
+
+def _permute_query_rows(queries: torch.Tensor, plan: HeadPlan) -> torch.Tensor:
+    """queries: (nh, hd, *rest) in source order -> the order the plan asks for."""
+    return queries if plan.query_order is None else queries[list(plan.query_order)]
+
+
+def _fused_concat(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+    hd, rest = plan.head_dim, tensor.shape[1:]
+    q, k, v = tensor.split([plan.num_heads * hd, plan.old_kv * hd, plan.old_kv * hd])
+    q = _permute_query_rows(q.reshape(plan.num_heads, hd, *rest), plan).reshape(-1, *rest)
+    return torch.cat([q, _rows(k, plan, name + ":k", kind), _rows(v, plan, name + ":v", kind)])
+
+
+def _fused_grouped(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+    hd, rest = plan.head_dim, tensor.shape[1:]
+    per_group = plan.num_heads // plan.old_kv
+    grouped = tensor.reshape(plan.old_kv, per_group + 2, hd, *rest)
+    queries = _permute_query_rows(grouped[:, :per_group].reshape(plan.num_heads, hd, *rest), plan)
+    k = regroup_heads(grouped[:, per_group], plan, name + ":k", kind)
+    v = regroup_heads(grouped[:, per_group + 1], plan, name + ":v", kind)
+    queries = queries.reshape(plan.new_kv, plan.num_heads // plan.new_kv, hd, *rest)
+    return torch.cat([queries, k.unsqueeze(1), v.unsqueeze(1)], dim=1).reshape(-1, *rest)
+
+
+_LAYOUTS = {ROWS: _rows, FUSED_CONCAT: _fused_concat, FUSED_GROUPED: _fused_grouped}
+
+
+def regroup_tensor(entry: KvTensor, tensor: torch.Tensor, plan: HeadPlan, name: str) -> torch.Tensor:
+    """A single tensor whose first dimension holds every kv head (all layouts but PER_HEAD)."""
+    return _LAYOUTS[entry.layout](tensor, plan, name, entry.kind)
+
+
+def regroup_per_head(
+    entry: KvTensor, tensors: Sequence[torch.Tensor], plan: HeadPlan, name: str
+) -> list[torch.Tensor]:
+    """One tensor per kv head (PER_HEAD): a list of old_kv tensors in, new_kv tensors out."""
+    assert entry.layout == PER_HEAD
+    return list(regroup_heads(torch.stack(list(tensors)), plan, name, entry.kind).unbind(0))
+
+
+def permute_query_tensor(tensor: torch.Tensor, dim: int, plan: HeadPlan) -> torch.Tensor:
+    """q rows (dim 0) or o_proj input columns (dim 1) reordered by query head; exact."""
+    if plan.query_order is None:
+        return tensor
+    hd = plan.head_dim
+    moved = tensor.movedim(dim, 0)
+    heads = moved.reshape(plan.num_heads, hd, *moved.shape[1:])[list(plan.query_order)]
+    return heads.reshape(moved.shape).movedim(0, dim).contiguous()
