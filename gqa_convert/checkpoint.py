@@ -262,7 +262,8 @@ def _open_gguf(path: Path) -> Checkpoint:
     config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     arch = architecture_for(config_dict)
     model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        path.parent, gguf_file=path.name, config=config, quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.float32,
     )
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -305,3 +306,11 @@ def read_gguf_summary(path: Path) -> tuple[Any, Architecture, int, str]:
         by_elements[tensor.tensor_type.name] = by_elements.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
     main_type = max(by_elements, key=by_elements.__getitem__) if by_elements else "unknown"
     return config, arch, parameters, f"gguf {main_type}"
+
+
+def check_model_folder(folder: Path) -> None:
+    """A transformers folder of a supported architecture with safetensors weights (for training and eval)."""
+    if not folder.is_dir():
+        raise GQAConvertError(f"model not found: {folder} (give a folder written by gqa-convert or transformers)")
+    read_config(folder)
+    _weight_files(folder, allow_pickle=False)

@@ -136,12 +136,12 @@ def _convert(checkpoint: Checkpoint, out: Path, plan: HeadPlan, dtype: str, max_
             task = progress.add_task(f"{details['operation']} -> {out.name}", total=total)
             for unit in units:
                 for name, tensor in _compute(checkpoint, unit, plan, DTYPES[dtype]):
+                    progress.advance(task, writer.next_spec().nbytes)
                     if tensor is None:
                         writer.write_raw(name, lambda handle, n=name: checkpoint.copy_raw(n, handle)) or \
                             writer.write(name, _cast(checkpoint.get(name), DTYPES[dtype]))
                     else:
                         writer.write(name, tensor)
-                    progress.advance(task, checkpoint.tensors[name].nbytes if name in checkpoint.tensors else 0)
         files = writer.finish()
         config_dict = _output_config(checkpoint, plan.new_kv, DTYPES[dtype])
         _write_side_files(checkpoint, staging, config_dict)

@@ -97,11 +97,12 @@ def format_inspect(report: dict[str, Any]) -> str:
         f"KV cache ({report['cache_dtype']}, seq {report['seq_len']} x batch {report['batch']}):",
         f"{'kv heads':>9}  {'per token':>12}  {'total':>12}  {'vs MHA':>7}",
     ]
+    mha_bytes = report["kv_cache"][0]["bytes_per_token"]  # the table starts at MHA
     for row in report["kv_cache"]:
         mark = " <- now" if row["current"] else ("" if row["reachable"] else " (expand first)")
         lines.append(
             f"{row['kv_heads']:>9}  {human_bytes(row['bytes_per_token']):>12}  {human_bytes(row['bytes_total']):>12}"
-            f"  {-row['saving_vs_mha']:>+7.1%}{mark}"
+            f"  {row['bytes_per_token'] / mha_bytes - 1:>+7.1%}{mark}"
         )
     return "\n".join(lines)
 

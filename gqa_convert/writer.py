@@ -102,6 +102,9 @@ class ShardedWriter:
         self._handle.write(struct.pack("<Q", len(encoded)) + encoded)
         self._shard = index
 
+    def next_spec(self) -> TensorSpec:
+        return self.specs[self._next]
+
     def _begin(self, name: str) -> tuple[TensorSpec, BinaryIO]:
         spec = self.specs[self._next]
         assert spec.name == name, f"planned {spec.name}, got {name}"
