@@ -112,6 +112,81 @@ def expand(
     _summary(run_expand(source, out, dtype.value, max_shard_size, force, revision, allow_pickle))
 
 
+@app.command()
+@_user_errors
+def uptrain(
+    model: str = typer.Argument(..., help="a transformers folder (e.g. the output of pool)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder: final model, metrics.jsonl, checkpoints/"),
+    data: str = typer.Option(..., help="a .txt/.jsonl/.json/.parquet file, a folder of them, or a Hub dataset id"),
+    tokens: Optional[str] = typer.Option(None, help="token budget, e.g. 50M or 2B (overrides --fraction)"),
+    fraction: float = typer.Option(0.05, help="budget as a fraction of the original pre-training tokens"),
+    original_tokens: Optional[str] = typer.Option(None, help="the original pre-training tokens, e.g. 2T"),
+    text_column: str = typer.Option("text", help="text column of table data"),
+    data_config: Optional[str] = typer.Option(None, help="Hub dataset configuration"),
+    split: str = typer.Option("train", help="Hub dataset split"),
+    seq_len: int = typer.Option(2048, help="tokens per packed block"),
+    micro_batch_size: int = typer.Option(4, help="blocks per process per forward"),
+    grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
+    global_batch_tokens: Optional[int] = typer.Option(None, help="tokens per optimizer step (sets --grad-accum)"),
+    lr: float = typer.Option(5e-5, help="peak learning rate"),
+    min_lr_ratio: float = typer.Option(0.1, help="final learning rate as a fraction of --lr (cosine)"),
+    warmup_steps: Optional[int] = typer.Option(None, help="linear warmup steps (default 2% of the steps)"),
+    weight_decay: float = typer.Option(0.1, help="AdamW weight decay (not on biases and norms)"),
+    grad_clip: float = typer.Option(1.0, help="gradient norm clip (0: off)"),
+    mixed_precision: str = typer.Option("auto", help="auto (bf16 on GPUs that have it, else no), no, bf16, fp16"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="trade compute for memory"),
+    trainable: str = typer.Option("all", help="all, or attention (q/k/v/o only: less optimizer memory)"),
+    seed: int = typer.Option(0, help="data order seed"),
+    save_every: int = typer.Option(500, help="optimizer steps between checkpoints"),
+    keep_checkpoints: int = typer.Option(2, help="checkpoints kept"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty OUT"),
+    report_to: str = typer.Option("none", help="none, tensorboard or wandb"),
+    eval_data: Optional[str] = typer.Option(None, help="held-out text for perplexity during training"),
+    eval_every: int = typer.Option(0, help="steps between evaluations (0: at the end only)"),
+    eval_tokens: int = typer.Option(65536, help="tokens of --eval-data used"),
+    num_processes: Optional[int] = typer.Option(None, help="processes over all machines (default: every GPU)"),
+    num_machines: int = typer.Option(1, help="machines"),
+    machine_rank: int = typer.Option(0, help="this machine's rank"),
+    main_process_ip: Optional[str] = typer.Option(None, help="address of machine rank 0"),
+    main_process_port: int = typer.Option(29500, help="port on machine rank 0"),
+    accelerate_config: Optional[str] = typer.Option(None, help="an Accelerate YAML (FSDP, DeepSpeed...)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
+) -> None:
+    """Continued pre-training of a converted model (the GQA paper's uptraining) with Accelerate."""
+    from gqa_convert.train_setup import TrainConfig
+    from gqa_convert.train_setup import uptrain as run_uptrain
+
+    _quiet_libraries()
+    settings = {k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__}
+    settings["out"] = str(out)
+    result = run_uptrain(TrainConfig(**settings))
+    typer.echo(json.dumps(result, indent=2 if dry_run else None))
+
+
+@app.command("eval")
+@_user_errors
+def evaluate(
+    model: str = typer.Argument(..., help="a transformers folder"),
+    data: str = typer.Option(..., help="a text file (or table file / folder with --text-column)"),
+    seq_len: int = typer.Option(2048, help="window length"),
+    max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),
+    text_column: str = typer.Option("text", help="text column of table data"),
+    batch_size: int = typer.Option(4, help="windows per forward"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Perplexity over non-overlapping windows of the text tokenized as one string."""
+    from gqa_convert.evaluate import evaluate as run_evaluate
+
+    _quiet_libraries()
+    result = run_evaluate(model, data, seq_len, max_tokens, text_column, batch_size)
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens "
+                   f"(windows of {seq_len})")  # fmt: skip
+
+
 def _summary(result: Any) -> None:
     change = result.kv_bytes_per_token_after / result.kv_bytes_per_token_before - 1
     typer.echo(

@@ -72,3 +72,30 @@ def logits(model: transformers.PreTrainedModel, seed: int = 1) -> torch.Tensor:
     ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return model(input_ids=ids).logits
+
+
+def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> "transformers.PreTrainedTokenizerFast":
+    """A byte-level BPE trained here on the sample text: a real tokenizer with no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    sample = Path(__file__).parent / "data" / "sample.txt"
+    tokenizer.train([str(sample)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")  # fmt: skip
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_trainable(folder: Path, model_type: str = "llama", **overrides: object) -> transformers.PreTrainedModel:
+    """A tiny model with its own tokenizer, at the init scale (std 0.02), ready to train."""
+    tokenizer = save_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(folder)
+    return model

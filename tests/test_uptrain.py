@@ -1,0 +1,123 @@
+"""Uptraining on CPU with a tiny model and a tokenizer trained here: learning, exact token budgets,
+two processes over gloo equal to one, SIGKILL and resume equal to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gqa_convert.train_setup import TrainConfig, uptrain
+from tiny_models import build_trainable
+
+SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("uptrain") / "model"
+    build_trainable(folder, "llama")  # 4 query heads, 2 kv heads
+    return folder
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "gqa_convert.cli", "uptrain", *map(str, args)]
+
+
+COMMON = ["--data", SAMPLE, "--seq-len", 32, "--lr", 3e-3, "--tokens", 25600]
+
+
+def test_loss_falls_and_tokens_land_on_the_budget(model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = uptrain(TrainConfig(model=str(model_dir), out=str(out), data=str(SAMPLE), tokens="25600", seq_len=32,
+                                 micro_batch_size=4, lr=3e-3, save_every=1000))  # fmt: skip
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 201))  # 25600 / (4 x 32)
+    assert rows[-1]["tokens"] == 25600 == result["tokens"]
+    assert all(b["tokens"] - a["tokens"] == 128 for a, b in zip(rows, rows[1:]))
+    first, last = (sum(r["loss"] for r in part) / len(part) for part in (rows[:20], rows[-20:]))
+    assert last < 0.5 * first, (first, last)
+    assert {"lr", "tokens_per_s"} <= set(rows[0])
+    # the result is a plain transformers folder with the kv head count unchanged
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert trained.config.num_key_value_heads == 2
+    assert not torch.equal(trained.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    assert AutoTokenizer.from_pretrained(out)("market")["input_ids"]
+    provenance = json.loads((out / "gqa_convert.json").read_text())
+    assert provenance["uptrain"]["tokens"] == 25600 and provenance["uptrain"]["steps"] == 200
+    assert provenance["uptrain"]["final_loss"] == rows[-1]["loss"]
+
+
+def test_budget_rounds_up_to_whole_steps_and_attention_only_freezes_the_rest(model_dir, tmp_path):
+    out = tmp_path / "out"
+    uptrain(TrainConfig(model=str(model_dir), out=str(out), data=str(SAMPLE), tokens="1000", seq_len=32,
+                        micro_batch_size=2, grad_accum=2, trainable="attention", lr=1e-2))  # fmt: skip
+    rows = metrics(out)
+    assert len(rows) == 8 and rows[-1]["tokens"] == 8 * 128  # ceil(1000 / 128) steps
+    trained, original = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(model_dir)
+    layer, before = trained.model.layers[0], original.model.layers[0]
+    assert torch.equal(layer.mlp.up_proj.weight, before.mlp.up_proj.weight)
+    assert torch.equal(trained.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    assert not torch.equal(layer.self_attn.v_proj.weight, before.self_attn.v_proj.weight)
+
+
+def test_two_processes_train_the_same_global_batches_as_one(model_dir, tmp_path):
+    """Same global batch (2 processes x 2 blocks = 1 x 4): the same blocks per step, the same losses."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    env = {**os.environ, "CI": "1"}
+    subprocess.run(cli(model_dir, "-o", single, *COMMON, "--micro-batch-size", 4), check=True, env=env,
+                   capture_output=True, timeout=600)  # fmt: skip
+    process = subprocess.run(cli(model_dir, "-o", double, *COMMON, "--micro-batch-size", 2, "--num-processes", 2),
+                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    one, two = metrics(single), metrics(double)
+    assert len(two) == len(one) == 200 and two[-1]["tokens"] == one[-1]["tokens"] == 25600
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=2e-3), (a, b)
+    assert AutoModelForCausalLM.from_pretrained(double).config.num_key_value_heads == 2
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    model = tmp_path / "model"
+    build_trainable(model, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
+    args = ["--data", SAMPLE, "--seq-len", 128, "--micro-batch-size", 4, "--lr", 1e-3, "--tokens", 200 * 512,
+            "--save-every", 20]  # fmt: skip
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run(cli(model, "-o", reference, *args), check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen(cli(model, "-o", killed, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 45:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done = len(metrics(killed))
+    assert 40 <= done < 200, "the run must be killed between its checkpoint and its end"
+    assert (killed / "checkpoints" / "step-00000040" / "COMPLETE").exists()
+
+    resumed = subprocess.run(cli(model, "-o", killed, *args, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step-000000" in resumed.stdout + resumed.stderr
+    rows, expected = metrics(killed), metrics(reference)
+    assert [r["step"] for r in rows] == list(range(1, 201))  # none missing, none twice
+    assert rows[-1]["tokens"] == expected[-1]["tokens"] == 200 * 512
+    for a, b in zip(expected, rows):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (a, b)
+    final = AutoModelForCausalLM.from_pretrained(killed).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(reference).state_dict().items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-4, rtol=1e-3)
