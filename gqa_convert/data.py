@@ -109,8 +109,17 @@ def read_text(data: str | Path, text_column: str = "text", data_config: str | No
 # ---- tokenized, packed blocks --------------------------------------------------------------------
 
 
+def check_data(data: str | Path) -> None:
+    """A local path must exist; anything else is taken for a Hub dataset id."""
+    path = Path(data)
+    if not path.exists() and (os.sep in str(data) or str(data).startswith(".") or path.suffix in LOADERS):
+        raise GQAConvertError(f"data not found: {data}")
+    if path.exists():
+        _local_files(path)
+
+
 def tokenize_to_file(documents: Iterator[tuple[str, bool]], tokenizer: Any, path: Path, max_tokens: int | None = None,
-                     batch_documents: int = 256) -> int:  # fmt: skip
+                     batch_documents: int = 256, on_tokens: Any = None) -> int:  # fmt: skip
     """Tokenize documents (no special tokens), each followed by EOS, into a flat uint16/uint32 file.
     Stops after max_tokens. Returns the token count. Written to a temporary name, then renamed."""
     eos = tokenizer.eos_token_id
@@ -132,6 +141,8 @@ def tokenize_to_file(documents: Iterator[tuple[str, bool]], tokenizer: Any, path
                 ids = ids[: max_tokens - count]
             handle.write(ids.tobytes())
             batch.clear()
+            if on_tokens is not None:
+                on_tokens(len(ids))
             return len(ids)
 
         for document, ends_document in documents:

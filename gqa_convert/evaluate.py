@@ -62,20 +62,23 @@ def evaluate(model_path: str | Path, data: str | Path, seq_len: int = 2048, max_
              dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
     """Load a transformers folder and its tokenizer, and measure perplexity on `data`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
-    from gqa_convert.checkpoint import check_model_folder
+    from gqa_convert.checkpoint import check_model_folder, read_config
     from gqa_convert.data import read_text
 
     check_model_folder(Path(model_path))
     if seq_len < 2:
         raise GQAConvertError("--seq-len must be at least 2")
+    _, config, _ = read_config(Path(model_path))
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and seq_len > positions:
+        raise GQAConvertError(f"--seq-len {seq_len} is above the model's {positions} positions: lower it")
     text = read_text(data, text_column)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     ids = tokenize_text(tokenizer, text, max_tokens)
+    transformers_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and seq_len > positions:
-        raise GQAConvertError(f"--seq-len {seq_len} is above the model's {positions} positions: lower it")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = perplexity_of(model.to(device), ids, seq_len, batch_size)
     return {"model": str(model_path), "data": str(data), "seq_len": seq_len, **result}

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +56,9 @@ def build_accelerator(config: TrainConfig) -> Any:
     if precision != "no" and not cuda:
         raise GQAConvertError(f"--mixed-precision {precision} needs a GPU; use no on CPU")
     log_with = None if config.report_to == "none" else config.report_to
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=log_with,
-                              project_dir=config.out, step_scheduler_with_optimizer=False)  # fmt: skip
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=precision, log_with=log_with, project_dir=config.out,
+                              gradient_accumulation_steps=config.grad_accum_resolved or 1,
+                              step_scheduler_with_optimizer=False)  # fmt: skip
     if config.num_processes and accelerator.num_processes != config.num_processes:
         # accelerate without cpu=True, or a mismatched YAML, silently runs N copies of world 1
         raise GQAConvertError(f"asked for {config.num_processes} processes but Accelerate runs "
@@ -144,17 +144,20 @@ def run_worker(config: TrainConfig) -> None:
         lr = learning_rate(config, state.step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
         for micro in range(accum):
             inputs = micro_batch(blocks, config, state.step, micro, rank, world).to(accelerator.device)
-            sync = nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            # Accelerate's own accumulation: no gradient sync, loss scaled by 1/accum, and the optimizer
+            # steps only on the last micro-batch (DeepSpeed counts micro-batches itself the same way)
+            with accelerator.accumulate(model), accelerator.autocast():
                 loss = model(input_ids=inputs, labels=inputs).loss
-                accelerator.backward(loss / accum)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.grad_clip > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if config.grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        assert accelerator.sync_gradients, "a step must end on a gradient sync"
         state.step += 1
         state.tokens += step_tokens
         loss_value = accelerator.reduce(loss_sum / accum, "mean").item()

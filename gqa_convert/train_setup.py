@@ -114,12 +114,28 @@ def validate(config: TrainConfig) -> None:
         raise GQAConvertError("--trainable must be all or attention")
     if config.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise GQAConvertError("--mixed-precision must be auto, no, bf16 or fp16")
+    if config.mixed_precision in ("bf16", "fp16"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise GQAConvertError(f"--mixed-precision {config.mixed_precision} needs a GPU; use no on CPU")
     if config.report_to not in ("none", "tensorboard", "wandb"):
         raise GQAConvertError("--report-to must be none, tensorboard or wandb")
+    if config.report_to != "none":
+        import importlib.util
+
+        if importlib.util.find_spec(config.report_to) is None:
+            raise GQAConvertError(f"--report-to {config.report_to} needs its package: "
+                                  f"pip install 'gqa-convert[{config.report_to}]'")  # fmt: skip
     if config.accelerate_config and not Path(config.accelerate_config).is_file():
         raise GQAConvertError(f"accelerate config not found: {config.accelerate_config}")
     if config.num_machines > 1 and not config.main_process_ip:
         raise GQAConvertError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
+    from gqa_convert.data import check_data
+
+    check_data(config.data)
+    if config.eval_data:
+        check_data(config.eval_data)
     if config.eval_every and not config.eval_data:
         raise GQAConvertError("--eval-every needs --eval-data")
     out = Path(config.out).resolve()
@@ -152,9 +168,14 @@ def _tokenize(data: str, config: TrainConfig, tokenizer: Any, data_dir: Path, st
     file_name = f"{name}-{data_fingerprint(data, tokenizer, config.text_column, str(max_tokens))}.tokens"
     if (data_dir / file_name).exists():
         return file_name
-    print(f"tokenizing {data} ...", file=sys.stderr, flush=True)
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
     documents = iter_documents(data, config.text_column, config.data_config, config.split)
-    count = tokenize_to_file(documents, tokenizer, staging / file_name, max_tokens)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} tokens"),
+                  transient=True) as progress:  # fmt: skip
+        task = progress.add_task(f"tokenizing {data}", total=max_tokens)
+        count = tokenize_to_file(documents, tokenizer, staging / file_name, max_tokens,
+                                 on_tokens=lambda n: progress.advance(task, n))  # fmt: skip
     if count < config.seq_len:
         raise GQAConvertError(f"{data} holds {count} tokens, fewer than one block of --seq-len {config.seq_len}: "
                               "give more text or lower --seq-len")  # fmt: skip
