@@ -242,6 +242,8 @@ def launch_command(config: TrainConfig) -> list[str] | None:
         command += ["--config_file", config.accelerate_config]
         if config.num_processes is not None:
             command += ["--num_processes", str(config.num_processes)]
+        if config.machine_rank:  # one YAML for every node: the rank comes from the command line
+            command += ["--machine_rank", str(config.machine_rank)]
     else:
         command += ["--multi_gpu", "--num_processes", str(world), "--dynamo_backend", "no",
                     "--mixed_precision", _launcher_precision(config.mixed_precision)]  # fmt: skip
