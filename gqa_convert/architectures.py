@@ -47,7 +47,10 @@ class Architecture:
     query_tensors: tuple[QueryTensor, ...]
     kv_config: str = "standard"  # key of KV_CONFIG_RULES
     kv_attribute: str = "num_key_value_heads"
-    rope: bool = True
+    # separate projections by role (q, k, v, o) for the calibrated merge; None for fused layouts
+    projections: dict[str, str] | None = None
+    # norms applied to K after the projection: the calibrated K merge does not commute with them
+    key_norms: tuple[str, ...] = ("self_attn.k_norm.", "self_attn.k_layernorm.")
 
     def kv_tensor_for(self, layer_suffix: str) -> tuple[KvTensor, int | None] | None:
         """The row entry matching a tensor name (relative to its layer) and, for PER_HEAD, the head."""
@@ -76,7 +79,9 @@ def _separate(o_proj: str = "o_proj", extra: tuple[KvTensor, ...] = ()) -> dict[
         QueryTensor("self_attn.q_proj.bias", 0),
         QueryTensor(f"self_attn.{o_proj}.weight", 1),
     )
-    return {"layer_prefix": "model.layers.{layer}.", "kv_tensors": kv + extra, "query_tensors": query}
+    projections = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": f"self_attn.{o_proj}"}
+    return {"layer_prefix": "model.layers.{layer}.", "kv_tensors": kv + extra, "query_tensors": query,
+            "projections": projections}
 
 
 _PLAIN = (

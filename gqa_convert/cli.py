@@ -16,12 +16,12 @@ import typer
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.grouping import GROUPINGS
-from gqa_convert.merging import METHODS
+from gqa_convert.merging import CALIBRATED_METHODS, METHODS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert multi-head attention checkpoints to grouped-query attention, and recover them.")  # fmt: skip
 
-Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
+Method = enum.Enum("Method", {name: name for name in [*METHODS, *CALIBRATED_METHODS]}, type=str)
 Grouping = enum.Enum("Grouping", {name: name for name in GROUPINGS}, type=str)
 DType = enum.Enum("DType", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
 
@@ -84,13 +84,21 @@ def pool(
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin (pickle) weights"),
+    calib_data: Optional[str] = typer.Option(None, help="calibration text for --method aligned / --grouping similarity"),
+    calib_tokens: int = typer.Option(16384, help="calibration tokens"),
+    calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
+    calib_text_column: str = typer.Option("text", help="text column of table calibration data"),
 ) -> None:
     """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
+    from gqa_convert.calibrated import Calibration
     from gqa_convert.convert import pool as run_pool
 
+    if calib_tokens < 1 or calib_seq_len < 2:
+        raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
     _quiet_libraries()
+    calibration = Calibration(calib_data, calib_tokens, calib_seq_len, calib_text_column) if calib_data else None
     result = run_pool(source, out, kv_heads, method.value, grouping.value, dtype.value, max_shard_size, force,
-                      seed, revision, allow_pickle)  # fmt: skip
+                      seed, revision, allow_pickle, calibration)  # fmt: skip
     _summary(result)
 
 

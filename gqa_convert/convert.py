@@ -7,7 +7,9 @@ byte); write config, tokenizer, provenance and model card; rename the folder int
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import tempfile
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,9 +22,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from gqa_convert.architectures import PER_HEAD, KvTensor, head_dim_of, write_kv_heads
 from gqa_convert.checkpoint import WEIGHT_SUFFIXES, Checkpoint, iter_layer_tensors, open_checkpoint
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.grouping import GROUPINGS
-from gqa_convert.merging import METHODS
-from gqa_convert.regroup import HeadPlan, expand_groups, permute_query_tensor, regroup_per_head, regroup_tensor
+from gqa_convert.calibrated import Calibration
+from gqa_convert.grouping import GROUPINGS, NEEDS_CALIBRATION
+from gqa_convert.merging import CALIBRATED_METHODS, METHODS, merge_mean
+from gqa_convert.regroup import (
+    HeadPlan, contiguous_groups, expand_groups, permute_query_tensor, regroup_per_head, regroup_tensor,
+)  # fmt: skip
 from gqa_convert.report import kv_cache_bytes_per_token, write_model_card, write_provenance
 from gqa_convert.writer import ShardedWriter, TensorSpec, check_output_folder, parse_size, staged_output
 
@@ -68,12 +73,25 @@ def pool(
     seed: int = 0,
     revision: str | None = None,
     allow_pickle: bool = False,
+    calibration: Calibration | None = None,
 ) -> Conversion:
-    """Merge the kv heads of `source` into `kv_heads` groups and write a transformers folder at `out`."""
-    if method not in METHODS:
-        raise GQAConvertError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    """Merge the kv heads of `source` into `kv_heads` groups and write a transformers folder at `out`.
+    `aligned` and `similarity` need `calibration` (text of the source's domain)."""
+    methods = {**METHODS, **CALIBRATED_METHODS}
+    if method not in methods:
+        raise GQAConvertError(f"unknown method '{method}'; choose one of: {', '.join(methods)}")
     if grouping not in GROUPINGS:
         raise GQAConvertError(f"unknown grouping '{grouping}'; choose one of: {', '.join(GROUPINGS)}")
+    calibrated = method in CALIBRATED_METHODS or grouping in NEEDS_CALIBRATION
+    if calibrated and calibration is None:
+        raise GQAConvertError(f"--method {method} --grouping {grouping} needs calibration text: pass --calib-data FILE")
+    if not calibrated and calibration is not None:
+        warnings.warn("--calib-data is ignored: mean/first/random with contiguous grouping use no calibration",
+                      stacklevel=2)  # fmt: skip
+    if calibration is not None and calibrated:
+        from gqa_convert.data import check_data
+
+        check_data(calibration.data)
     checkpoint = _open_for_output(source, out, force, revision, allow_pickle)
     num_heads, old_kv = int(checkpoint.config.num_attention_heads), checkpoint.kv_heads()
     valid = valid_kv_heads(num_heads, old_kv)
@@ -83,18 +101,28 @@ def pool(
             f"--kv-heads {kv_heads} is not possible for this {origin} model ({num_heads} query heads): "
             f"choose one of {', '.join(map(str, valid))}"
         )
-    groups = GROUPINGS[grouping](checkpoint, kv_heads)
     plan = HeadPlan(
         num_heads=num_heads,
         old_kv=old_kv,
-        groups=groups,
+        groups=contiguous_groups(old_kv, kv_heads),
         head_dim=head_dim_of(checkpoint.config),
-        merge=METHODS[method],
+        merge=METHODS.get(method, merge_mean),  # calibrated methods: mean for what they do not cover
         seed=seed,
         init_std=float(getattr(checkpoint.config, "initializer_range", 0.02) or 0.02),
     )
-    details = {"operation": "pool", "method": method, "grouping": grouping, "seed": seed}
-    return _convert(checkpoint, Path(out), plan, dtype, max_shard_size, details)
+    details: dict[str, Any] = {"operation": "pool", "method": method, "grouping": grouping, "seed": seed}
+    if not calibrated:
+        return _convert(checkpoint, Path(out), plan, dtype, max_shard_size, details)
+    from gqa_convert.calibrated import calibrate_plans
+
+    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.calib-", dir=Path(out).resolve().parent))
+    try:
+        layer_plans, overrides = calibrate_plans(checkpoint, plan, method, grouping, calibration, workdir)
+        details["calibration"] = dataclasses.asdict(calibration)
+        return _convert(checkpoint, Path(out), plan, dtype, max_shard_size, details, layer_plans, overrides)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def expand(
@@ -123,19 +151,21 @@ def _open_for_output(source: str | Path, out: str | Path, force: bool, revision:
 
 
 def _convert(checkpoint: Checkpoint, out: Path, plan: HeadPlan, dtype: str, max_shard_size: str,
-             details: dict[str, Any]) -> Conversion:  # fmt: skip
+             details: dict[str, Any], layer_plans: dict[int, HeadPlan] | None = None,
+             overrides: dict[str, Path] | None = None) -> Conversion:  # fmt: skip
     if dtype not in DTYPES:
         raise GQAConvertError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
     units = _units(checkpoint)
-    specs = _plan(checkpoint, units, plan, DTYPES[dtype])
+    source = _Source(checkpoint, layer_plans or {}, overrides or {})
+    specs = _plan(source, units, plan, DTYPES[dtype])
     total = sum(spec.nbytes for spec in specs)
     with staged_output(out) as staging:
         writer = ShardedWriter(staging, specs, max_shard_bytes)
         with _progress() as progress:
             task = progress.add_task(f"{details['operation']} -> {out.name}", total=total)
             for unit in units:
-                for name, tensor in _compute(checkpoint, unit, plan, DTYPES[dtype]):
+                for name, tensor in _compute(source, unit, plan, DTYPES[dtype]):
                     progress.advance(task, writer.next_spec().nbytes)
                     if tensor is None:
                         writer.write_raw(name, lambda handle, n=name: checkpoint.copy_raw(n, handle)) or \
@@ -147,7 +177,9 @@ def _convert(checkpoint: Checkpoint, out: Path, plan: HeadPlan, dtype: str, max_
         _write_side_files(checkpoint, staging, config_dict)
         before = kv_cache_bytes_per_token(checkpoint.config, plan.old_kv)
         after = kv_cache_bytes_per_token(checkpoint.config, plan.new_kv)
-        details = {**details, "groups": [list(g) for g in plan.groups], "kv_heads_before": plan.old_kv,
+        groups = ({layer: [list(g) for g in p.groups] for layer, p in sorted(layer_plans.items())}
+                  if layer_plans and details.get("grouping") != "contiguous" else [list(g) for g in plan.groups])
+        details = {**details, "groups": groups, "kv_heads_before": plan.old_kv,
                    "kv_heads_after": plan.new_kv, "num_attention_heads": plan.num_heads, "dtype": dtype}  # fmt: skip
         write_provenance(staging, checkpoint.source, details)
         write_model_card(staging, checkpoint, details, before, after, title=out.name)
@@ -181,13 +213,33 @@ def _is_query_tensor(checkpoint: Checkpoint, suffix: str) -> bool:
     return any(q.suffix == suffix for q in checkpoint.architecture.query_tensors)
 
 
-def _compute(checkpoint: Checkpoint, unit: _Unit, plan: HeadPlan, dtype: torch.dtype | None,
+@dataclass
+class _Source:
+    """The checkpoint, plus what a calibrated method decided: per-layer plans and merged tensors."""
+
+    checkpoint: Checkpoint
+    layer_plans: dict[int, HeadPlan]
+    overrides: dict[str, Path]
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self.overrides:
+            from safetensors import safe_open
+
+            with safe_open(self.overrides[name], framework="pt") as handle:
+                return handle.get_tensor(name)
+        return self.checkpoint.get(name)
+
+
+def _compute(source: _Source, unit: _Unit, plan: HeadPlan, dtype: torch.dtype | None,
              meta: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:  # fmt: skip
     """The unit's output tensors; None for a pass-through tensor that may be copied byte for byte."""
+    checkpoint = source.checkpoint
+    if unit.layer is not None:
+        plan = source.layer_plans.get(unit.layer, plan)
 
     def load(name: str) -> torch.Tensor:
         info = checkpoint.tensors[name]
-        return torch.empty(info.shape, dtype=info.dtype, device="meta") if meta else checkpoint.get(name)
+        return torch.empty(info.shape, dtype=info.dtype, device="meta") if meta else source.get(name)
 
     if unit.layer is None:
         (name,) = unit.names
@@ -205,13 +257,16 @@ def _compute(checkpoint: Checkpoint, unit: _Unit, plan: HeadPlan, dtype: torch.d
         match = arch.kv_tensor_for(suffix)
         if match is None:  # a query-side tensor: only a query permutation changes it
             info = checkpoint.tensors[name]
-            if not meta and plan.query_order is None and _cast_dtype(info.dtype, dtype) == info.dtype:
+            if not meta and plan.query_order is None and _cast_dtype(info.dtype, dtype) == info.dtype \
+                    and name not in source.overrides:  # fmt: skip
                 yield name, None
                 continue
             dim = next(q.dim for q in arch.query_tensors if q.suffix == suffix)
             yield name, _cast(permute_query_tensor(load(name), dim, plan), dtype)
         elif match[0].layout == PER_HEAD:
             per_head[match[0]][match[1]] = name
+        elif name in source.overrides and not meta:  # merged by a calibrated method, in group order
+            yield name, _cast(load(name), dtype)
         else:
             yield name, _cast(regroup_tensor(match[0], load(name), plan, name), dtype)
     for entry, by_head in per_head.items():
@@ -232,13 +287,13 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.to(_cast_dtype(tensor.dtype, dtype))
 
 
-def _plan(checkpoint: Checkpoint, units: list[_Unit], plan: HeadPlan, dtype: torch.dtype | None) -> list[TensorSpec]:
+def _plan(source: _Source, units: list[_Unit], plan: HeadPlan, dtype: torch.dtype | None) -> list[TensorSpec]:
     """Every output tensor's name, shape and dtype, computed on meta tensors (no data is read)."""
-    _check_kv_shapes(checkpoint, plan)
+    _check_kv_shapes(source.checkpoint, plan)
     specs = []
     for unit in units:
         try:
-            for name, tensor in _compute(checkpoint, unit, plan, dtype, meta=True):
+            for name, tensor in _compute(source, unit, plan, dtype, meta=True):
                 assert tensor is not None
                 specs.append(TensorSpec(name, tuple(tensor.shape), tensor.dtype))
         except RuntimeError as error:  # a reshape that does not fit: config and weights disagree

@@ -54,3 +54,11 @@ def merge_random(heads: torch.Tensor, context: MergeContext) -> torch.Tensor:
 
 
 METHODS: dict[str, MergeFn] = {"mean": merge_mean, "first": merge_first, "random": merge_random}
+
+
+# Methods that need calibration activations: computed per layer by gqa_convert.calibrated, which
+# writes the merged tensors the converter then uses. Tensors they do not cover (kv-dependent norms)
+# are merged by `mean`.
+CALIBRATED_METHODS: dict[str, str] = {
+    "aligned": "closed-form least-squares merge from calibration activations, RoPE-aware (needs --calib-data)",
+}

@@ -103,7 +103,6 @@ def permute_query_tensor(tensor: torch.Tensor, dim: int, plan: HeadPlan) -> torc
     """q rows (dim 0) or o_proj input columns (dim 1) reordered by query head; exact."""
     if plan.query_order is None:
         return tensor
-    hd = plan.head_dim
     moved = tensor.movedim(dim, 0)
-    heads = moved.reshape(plan.num_heads, hd, *moved.shape[1:])[list(plan.query_order)]
+    heads = moved.reshape(plan.num_heads, -1, *moved.shape[1:])[list(plan.query_order)]
     return heads.reshape(moved.shape).movedim(0, dim).contiguous()

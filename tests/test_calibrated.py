@@ -1,0 +1,95 @@
+"""Calibrated conversion on tiny models: the aligned merge is exact where heads are copies (biases,
+partial rotary, k norms included), similarity grouping finds shuffled heads and the query permutation
+keeps the function, and bad calibration input is refused."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gqa_convert.calibrated import Calibration
+from gqa_convert.convert import expand, pool
+from gqa_convert.errors import GQAConvertError
+from test_bad_input import fails
+from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
+
+SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+CALIBRATION = Calibration(str(SAMPLE), tokens=1024, seq_len=64)
+
+
+def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:
+    """A tiny model with a tokenizer (calibration needs one) and weights at std 0.1."""
+    tokenizer = save_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "stablelm", "olmo2", "qwen3", "gemma2", "mistral"])
+def test_aligned_merge_of_copied_heads_is_exact(tmp_path, model_type):
+    original = build(tmp_path / "src", model_type)
+    expand(tmp_path / "src", tmp_path / "mha")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k-norm models warn that K is mean-pooled
+        pool(tmp_path / "mha", tmp_path / "back", kv_heads=2, method="aligned", calibration=CALIBRATION)
+    torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
+
+
+def shuffle_heads(model: transformers.PreTrainedModel, order: list[int]) -> None:
+    """Reorder the heads of an MHA llama: q/k/v rows and o columns alike (the same function)."""
+    hd = model.config.head_dim
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+                projection.weight.copy_(projection.weight.reshape(len(order), hd, -1)[order].reshape(-1, projection.weight.shape[1]))
+                if projection.bias is not None:
+                    projection.bias.copy_(projection.bias.reshape(len(order), hd)[order].reshape(-1))
+            o = attention.o_proj.weight
+            o.copy_(o.reshape(o.shape[0], len(order), hd)[:, order].reshape(o.shape[0], -1))
+
+
+@pytest.mark.parametrize("method", ["mean", "aligned"])
+def test_similarity_grouping_recovers_shuffled_heads(tmp_path, method):
+    original = build(tmp_path / "src", "llama", num_attention_heads=8, num_key_value_heads=4)
+    reference = logits(original)
+    expand(tmp_path / "src", tmp_path / "mha")
+    shuffled = load(tmp_path / "mha")
+    shuffle_heads(shuffled, [5, 2, 7, 0, 3, 6, 1, 4])  # copies of a kv head no longer side by side
+    torch.testing.assert_close(logits(shuffled), reference, atol=1e-4, rtol=1e-4)
+    shuffled.save_pretrained(tmp_path / "shuffled")
+    save_tiny_tokenizer(tmp_path / "shuffled")
+
+    pool(tmp_path / "shuffled", tmp_path / "contiguous", kv_heads=4)
+    assert not torch.allclose(logits(load(tmp_path / "contiguous")), reference, atol=1e-2)  # the test can fail
+    pool(tmp_path / "shuffled", tmp_path / "similar", kv_heads=4, method=method, grouping="similarity",
+         calibration=CALIBRATION)  # fmt: skip
+    torch.testing.assert_close(logits(load(tmp_path / "similar")), reference, atol=2e-3, rtol=2e-3)
+
+
+def test_calibration_input_is_checked(tmp_path):
+    build(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned"], "--calib-data")
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "no.txt"],
+          "data not found")  # fmt: skip
+    (tmp_path / "short.txt").write_text("Too little text to calibrate anything.")
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "short.txt"],
+          "calibration needs at least")  # fmt: skip
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_aligned_refuses_fused_projections(tmp_path):
+    build(tmp_path / "src", "phi3")
+    with pytest.raises(GQAConvertError, match="use --method mean"):
+        pool(tmp_path / "src", tmp_path / "out", kv_heads=1, method="aligned", calibration=CALIBRATION)
+    assert not (tmp_path / "out").exists()
