@@ -160,6 +160,9 @@ def uptrain(
     main_process_port: int = typer.Option(29500, help="port on machine rank 0"),
     accelerate_config: Optional[str] = typer.Option(None, help="an Accelerate YAML (FSDP, DeepSpeed...)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
+    teacher: Optional[str] = typer.Option(None, help="distil from this model (folder or .gguf): the unconverted source"),
+    distill_weight: float = typer.Option(0.5, help="weight of the distillation loss (the LM loss gets 1 - w)"),
+    distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation"),
 ) -> None:
     """Continued pre-training of a converted model (the GQA paper's uptraining) with Accelerate."""
     from gqa_convert.train_setup import TrainConfig

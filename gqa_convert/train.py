@@ -91,6 +91,32 @@ def _attention_modules(model: Any) -> list[str]:
     return [arch.layer_prefix.format(layer=i) + module + "." for i in range(model.config.num_hidden_layers)]
 
 
+def build_teacher(config: TrainConfig, accelerator: Any) -> Any:
+    """The frozen teacher, sharded like the student under FSDP/DeepSpeed, else placed on the device."""
+    if config.teacher is None:
+        return None
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = Path(config.teacher)
+    if path.suffix == ".gguf":
+        teacher = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                       quantization_config=GgufConfig(dequantize=True))  # fmt: skip
+    else:
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    teacher.eval().requires_grad_(False)
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        return accelerator.prepare(teacher)
+    return teacher.to(accelerator.device)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(teacher || student) per predicted position, averaged (Hinton et al.'s scaling)."""
+    student = torch.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
+    teacher = torch.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
+    kl = torch.nn.functional.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
 def build_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for parameter in model.parameters():
@@ -116,6 +142,7 @@ def run_worker(config: TrainConfig) -> None:
     model = build_model(config)
     optimizer = build_optimizer(model, config)
     model, optimizer = accelerator.prepare(model, optimizer)
+    teacher = build_teacher(config, accelerator)
     blocks = TokenBlocks(Path(config.tokens_file), config.seq_len, config.seed)
     eval_ids = _eval_ids(config)
     out = Path(config.out)
@@ -145,18 +172,26 @@ def run_worker(config: TrainConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, grad_norm = torch.zeros((), device=accelerator.device), None
+        distill_sum = torch.zeros((), device=accelerator.device)
         for micro in range(accum):
             inputs = micro_batch(blocks, config, state.step, micro, rank, world).to(accelerator.device)
             # Accelerate's own accumulation: no gradient sync, loss scaled by 1/accum, and the optimizer
             # steps only on the last micro-batch (DeepSpeed counts micro-batches itself the same way)
             with accelerator.accumulate(model), accelerator.autocast():
-                loss = model(input_ids=inputs, labels=inputs).loss
+                output = model(input_ids=inputs, labels=inputs)
+                loss = output.loss
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=inputs).logits
+                    distill = distillation_loss(output.logits, teacher_logits, config.distill_temperature)
+                    distill_sum += distill.detach()
+                    loss = (1 - config.distill_weight) * loss + config.distill_weight * distill
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.grad_clip > 0:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
+            loss_sum += output.loss.detach()  # the LM loss, comparable with or without a teacher
         assert accelerator.sync_gradients, "a step must end on a gradient sync"
         state.step += 1
         state.tokens += step_tokens
@@ -165,6 +200,8 @@ def run_worker(config: TrainConfig) -> None:
         record = {"step": state.step, "tokens": state.tokens, "loss": round(loss_value, 6), "lr": lr,
                   "tokens_per_s": round(step_tokens / seconds, 1),
                   "grad_norm": None if grad_norm is None else round(float(grad_norm), 4)}  # fmt: skip
+        if teacher is not None:
+            record["distill_loss"] = round(accelerator.reduce(distill_sum / accum, "mean").item(), 6)
         new_epoch = blocks.epoch_of(state.step * step_tokens // config.seq_len - 1)
         if new_epoch != epoch:
             accelerator.print(f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {config.seed})")

@@ -64,6 +64,9 @@ class TrainConfig:
     main_process_port: int = 29500
     accelerate_config: str | None = None
     dry_run: bool = False
+    teacher: str | None = None  # distil from this model's logits (the unconverted source)
+    distill_weight: float = 0.5  # loss = (1 - w) LM + w T^2 KL(teacher || student)
+    distill_temperature: float = 1.0
     # set by prepare(): what the workers read
     tokens_file: str | None = None
     eval_tokens_file: str | None = None
@@ -131,6 +134,8 @@ def validate(config: TrainConfig) -> None:
         raise GQAConvertError(f"accelerate config not found: {config.accelerate_config}")
     if config.num_machines > 1 and not config.main_process_ip:
         raise GQAConvertError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
+    if config.teacher is not None:
+        _check_teacher(config, model_config)
     from gqa_convert.data import check_data
 
     check_data(config.data)
@@ -145,6 +150,24 @@ def validate(config: TrainConfig) -> None:
         raise GQAConvertError(f"output folder {out} is not empty: pass --resume to continue it or --force to replace it")
     if out.exists() and not out.is_dir():
         raise GQAConvertError(f"output {out} exists and is a file: choose a folder path")
+
+
+def _check_teacher(config: TrainConfig, model_config: Any) -> None:
+    teacher = Path(config.teacher)
+    if teacher.suffix == ".gguf" and teacher.is_file():
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(teacher.parent, gguf_file=teacher.name)
+    else:
+        check_model_folder(teacher)
+        from transformers import AutoConfig
+
+        teacher_config = AutoConfig.from_pretrained(teacher)
+    if teacher_config.vocab_size != model_config.vocab_size:
+        raise GQAConvertError(f"the teacher's vocabulary ({teacher_config.vocab_size}) differs from the model's "
+                              f"({model_config.vocab_size}): distil from the model it was converted from")  # fmt: skip
+    if not 0 < config.distill_weight <= 1 or config.distill_temperature <= 0:
+        raise GQAConvertError("--distill-weight must be in (0, 1] and --distill-temperature positive")
 
 
 def resolve_batch(config: TrainConfig, world: int) -> int:

@@ -121,3 +121,29 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     final = AutoModelForCausalLM.from_pretrained(killed).state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(reference).state_dict().items():
         torch.testing.assert_close(final[name], tensor, atol=1e-4, rtol=1e-3)
+
+
+def test_distillation_from_the_source_teacher(model_dir, tmp_path):
+    """KL to itself is zero; a mean-pooled MQA student moves towards its GQA teacher."""
+    same = tmp_path / "same"
+    uptrain(TrainConfig(model=str(model_dir), out=str(same), data=str(SAMPLE), tokens="256", seq_len=32,
+                        micro_batch_size=4, teacher=str(model_dir), distill_weight=1.0, lr=1e-9))  # fmt: skip
+    assert metrics(same)[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
+
+    from gqa_convert.convert import pool
+    from tiny_models import save_tiny_tokenizer
+
+    teacher = tmp_path / "teacher"
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a teacher whose kv heads differ a lot, so pooling costs something
+        for parameter in model.model.layers.parameters():
+            parameter.normal_(0, 0.2)
+    model.save_pretrained(teacher)
+    save_tiny_tokenizer(teacher)
+    pool(teacher, tmp_path / "mqa", kv_heads=1)
+    out = tmp_path / "distilled"
+    uptrain(TrainConfig(model=str(tmp_path / "mqa"), out=str(out), data=str(SAMPLE), tokens=str(60 * 128),
+                        seq_len=32, micro_batch_size=4, teacher=str(teacher), distill_weight=1.0, lr=3e-3))  # fmt: skip
+    rows = metrics(out)
+    first, last = (sum(r["distill_loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert rows[0]["distill_loss"] > 1e-3 and last < 0.5 * first, (first, last)
