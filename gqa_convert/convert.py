@@ -167,11 +167,9 @@ def _convert(checkpoint: Checkpoint, out: Path, plan: HeadPlan, dtype: str, max_
             for unit in units:
                 for name, tensor in _compute(source, unit, plan, DTYPES[dtype]):
                     progress.advance(task, writer.next_spec().nbytes)
-                    if tensor is None:
-                        writer.write_raw(name, lambda handle, n=name: checkpoint.copy_raw(n, handle)) or \
-                            writer.write(name, _cast(checkpoint.get(name), DTYPES[dtype]))
-                    else:
-                        writer.write(name, tensor)
+                    if tensor is None and writer.write_raw(name, lambda handle, n=name: checkpoint.copy_raw(n, handle)):
+                        continue  # copied byte for byte by the kernel
+                    writer.write(name, tensor if tensor is not None else _cast(checkpoint.get(name), DTYPES[dtype]))
         files = writer.finish()
         config_dict = _output_config(checkpoint, plan.new_kv, DTYPES[dtype])
         _write_side_files(checkpoint, staging, config_dict)
@@ -195,9 +193,10 @@ def _units(checkpoint: Checkpoint) -> list[_Unit]:
     units: list[_Unit] = []
     layer_units: dict[int, int] = {}
     layer_names: dict[int, list[str]] = defaultdict(list)
+    arch = checkpoint.architecture
     for name, layer, suffix in iter_layer_tensors(checkpoint):
-        if layer is not None and checkpoint.architecture.kv_tensor_for(suffix) is not None or \
-                layer is not None and _is_query_tensor(checkpoint, suffix):  # fmt: skip
+        in_attention = arch.kv_tensor_for(suffix) is not None or any(q.suffix == suffix for q in arch.query_tensors)
+        if layer is not None and in_attention:
             layer_names[layer].append(name)
             if layer not in layer_units:
                 layer_units[layer] = len(units)
@@ -207,10 +206,6 @@ def _units(checkpoint: Checkpoint) -> list[_Unit]:
     for layer, index in layer_units.items():
         units[index] = _Unit(tuple(layer_names[layer]), layer)
     return units
-
-
-def _is_query_tensor(checkpoint: Checkpoint, suffix: str) -> bool:
-    return any(q.suffix == suffix for q in checkpoint.architecture.query_tensors)
 
 
 @dataclass

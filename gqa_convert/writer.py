@@ -21,7 +21,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import torch
 
-from gqa_convert.checkpoint import SAFETENSORS_DTYPES
+from gqa_convert.checkpoint import SAFETENSORS_DTYPES, tensor_bytes
 from gqa_convert.errors import GQAConvertError
 
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
@@ -51,10 +51,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * self.dtype.itemsize
+        return tensor_bytes(self.shape, self.dtype)
 
 
 class ShardedWriter:
