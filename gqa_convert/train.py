@@ -117,13 +117,14 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return kl * temperature**2
 
 
-def build_optimizer(model: Any, config: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Any, config: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)  # no decay on biases and norms
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+    # fused: one kernel for all parameters (what the HF Trainer uses); not with sharded (DTensor) parameters
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
 def micro_batch(blocks: TokenBlocks, config: TrainConfig, step: int, micro: int, rank: int, world: int) -> torch.Tensor:
@@ -140,7 +141,7 @@ def run_worker(config: TrainConfig) -> None:
     accelerator = build_accelerator(config)
     torch.manual_seed(config.seed)
     model = build_model(config)
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, config, fused=accelerator.distributed_type.value in ("NO", "MULTI_GPU", "MULTI_CPU"))
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = build_teacher(config, accelerator)
     blocks = TokenBlocks(Path(config.tokens_file), config.seq_len, config.seed)
@@ -256,14 +257,16 @@ class _Progress:
         if accelerator.is_main_process:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            # refreshed once per step, not by a background thread that would compete with training
             self.bar = Progress(TextColumn("uptrain"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn())  # fmt: skip
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), auto_refresh=False)  # fmt: skip
             self.bar.start()
             self.task = self.bar.add_task("uptrain", total=total, completed=done, info="")
 
     def update(self, state: TrainerState, loss: float) -> None:
         if self.bar is not None:
             self.bar.update(self.task, completed=state.step, info=f"{state.tokens:,} tok  loss {loss:.4f}")
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

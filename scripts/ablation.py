@@ -80,7 +80,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--trainable", default="attention")
+    parser.add_argument("--render", type=Path, help="only rewrite results.md and recovery.png from a results.json")
     args = parser.parse_args()
+    if args.render:
+        results = json.loads(args.render.read_text())
+        write_markdown(results, args.docs / "results.md")
+        plot(results, args.docs / "recovery.png")
+        return
     if not args.text.exists():
         raise SystemExit(f"{args.text} not found: pass --text FILE")
     from gqa_convert.calibrated import Calibration
@@ -169,6 +175,23 @@ def write_markdown(results: dict, path: Path) -> None:
         target = "MQA" if row["kv_heads"] == 1 else "GQA-{}".format(row["kv_heads"])
         lines.append(f"| {row['source']} -> {target} | "
                      f"{row['method']} | {row['grouping']} | {row['perplexity']:,.2f} | {row['perplexity'] / original:,.2f} |")
+    lines += ["", "## Against the targets of issue 4", ""]
+    by = {(r["setup"], r["method"], r["grouping"]): r["perplexity"] / original for r in results["init"]}
+    if ("A", "aligned", "contiguous") in by:
+        ratio = by[("A", "aligned", "contiguous")]
+        verdict = "met" if ratio <= 1.5 else ("minimum met, goal not" if ratio <= 4 else "not met")
+        lines.append(f"- GQA-3 -> MQA, aligned, no training: {ratio:.2f}x the original "
+                     f"(goal <= 1.5x, minimum <= 4x): **{verdict}**. Mean pooling: "
+                     f"{by.get(('A', 'mean', 'contiguous'), float('nan')):,.0f}x.")
+    if ("B", "aligned", "similarity") in by:
+        ratio = by[("B", "aligned", "similarity")]
+        lines.append(f"- Similarity grouping on shuffled heads: {ratio:.4f}x the original (target: within 1%): "
+                     f"**{'met' if abs(ratio - 1) <= 0.01 else 'not met'}**.")
+    for run in results["uptrain"]:
+        best = run["curve"][-1][1] / original
+        lines.append(f"- {run['method']} init, {'distilled' if run['teacher'] else 'LM loss'}: "
+                     f"{best:.2f}x the original after {run['curve'][-1][0]:,} tokens (target <= 1.05x): "
+                     f"**{'met' if best <= 1.05 else 'not met'}** at this budget.")
     if results["uptrain"]:
         lines += ["", f"## After uptraining (setup A, {settings['uptrain_tokens']:,} tokens, {settings['trainable']} "
                   f"parameters, lr {settings['lr']}, batches of 4 x 512)", "",
