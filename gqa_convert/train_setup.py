@@ -183,13 +183,13 @@ def resolve_batch(config: TrainConfig, world: int) -> int:
     return config.global_batch_tokens // per_micro_step
 
 
-def _tokenize(data: str, config: TrainConfig, tokenizer: Any, data_dir: Path, staging: Path, name: str,
+def _tokenize(data: str, config: TrainConfig, tokenizer: Any, reuse: Path | None, staging: Path, name: str,
               max_tokens: int | None) -> str:  # fmt: skip
-    """The file name of `data` tokenized; made in `staging` unless OUT/data already has it (resume)."""
+    """The file name of `data` tokenized; made in `staging` unless `reuse` (OUT/data) already has it."""
     from gqa_convert.data import data_fingerprint, iter_documents, tokenize_to_file
 
     file_name = f"{name}-{data_fingerprint(data, tokenizer, config.text_column, str(max_tokens))}.tokens"
-    if (data_dir / file_name).exists():
+    if reuse is not None and (reuse / file_name).exists():
         return file_name
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
@@ -225,14 +225,14 @@ def prepare(config: TrainConfig) -> TrainConfig:
         raise GQAConvertError(f"{config.model} has no usable tokenizer ({error}): save one with the model") from None
     out = Path(config.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    data_dir = out / "data" if not (config.force and not config.resume) else out.parent / ".none"
+    reuse = None if config.force and not config.resume else out / "data"  # --force starts afresh
     need = (budget.global_batch_tokens if config.dry_run else budget.tokens) + config.seq_len
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data-", dir=out.parent))
     try:
-        train_name = _tokenize(config.data, config, tokenizer, data_dir, staging, "train", need)
+        train_name = _tokenize(config.data, config, tokenizer, reuse, staging, "train", need)
         eval_name = None
         if config.eval_data:
-            eval_name = _tokenize(config.eval_data, config, tokenizer, data_dir, staging, "eval", config.eval_tokens)
+            eval_name = _tokenize(config.eval_data, config, tokenizer, reuse, staging, "eval", config.eval_tokens)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
