@@ -21,10 +21,13 @@ from gqa_convert.errors import GQAConvertError
 
 @dataclass
 class LayerStats:
-    """Sum over calibration tokens of [x, 1][x, 1]^T for the attention input x of one layer."""
+    """Sum over calibration tokens of [x, 1][x, 1]^T for the attention input x of one layer and,
+    when asked for, the attention module's inputs and outputs per batch (for refinement)."""
 
     second_moment: torch.Tensor  # (d + 1, d + 1), float64
     tokens: int
+    attention_calls: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] | None = None
+    make_attention: Any = None  # kv_heads -> a fresh attention module of this layer (random weights)
 
 
 class _Caught(Exception):
@@ -87,7 +90,8 @@ def _layers_module(model: Any, checkpoint: Checkpoint) -> torch.nn.ModuleList:
     return module
 
 
-def layer_statistics(checkpoint: Checkpoint, ids: torch.Tensor, batch_size: int = 4) -> Iterator[tuple[int, LayerStats]]:
+def layer_statistics(checkpoint: Checkpoint, ids: torch.Tensor, batch_size: int = 4,
+                     keep_activations: bool = False) -> Iterator[tuple[int, LayerStats]]:  # fmt: skip
     """Yield (layer index, statistics) in layer order, propagating the source model's hidden states."""
     model = _shell(checkpoint)
     layers = _layers_module(model, checkpoint)
@@ -122,14 +126,37 @@ def layer_statistics(checkpoint: Checkpoint, ids: torch.Tensor, batch_size: int 
             moment += x.T @ x
             count += len(x)
 
-        hook = getattr(layer, attention_name).register_forward_pre_hook(accumulate, with_kwargs=True)
+        calls: list[tuple[torch.Tensor, dict[str, Any], torch.Tensor]] = []
+
+        def record(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls.append((hidden.detach(), rest, (output[0] if isinstance(output, tuple) else output).detach()))
+
+        attention = getattr(layer, attention_name)
+        hooks = [attention.register_forward_pre_hook(accumulate, with_kwargs=True)]
+        if keep_activations:
+            hooks.append(attention.register_forward_hook(record, with_kwargs=True))
         with torch.no_grad():
             for position, (hidden, kwargs) in enumerate(caught):
                 output = layer(hidden, **kwargs)
                 caught[position] = (output[0] if isinstance(output, tuple) else output, kwargs)
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         del layer
-        yield index, LayerStats(moment, count)
+
+        def make_attention(kv_heads: int, index: int = index) -> Any:
+            config = copy.deepcopy(checkpoint.config)
+            config._attn_implementation = model.config._attn_implementation
+            from gqa_convert.architectures import write_kv_heads
+
+            settings = {}
+            write_kv_heads(settings, config, checkpoint.architecture, kv_heads)
+            for key, value in settings.items():
+                setattr(config, key, value)
+            return getattr(layer_class(config, index), attention_name).float()
+
+        yield index, LayerStats(moment, count, calls if keep_activations else None, make_attention)
 
 
 def _hidden_size(caught: list[tuple[torch.Tensor, dict[str, Any]]]) -> int:

@@ -27,6 +27,8 @@ class Calibration:
     tokens: int = 16384
     seq_len: int = 512
     text_column: str = "text"
+    refine_steps: int = 0  # aligned only: Adam steps per layer fitting the merged attention to the original
+    refine_lr: float = 3e-4
 
 
 def rotary_dim(config, head_dim: int) -> int:
@@ -121,6 +123,68 @@ def _aligned_tensors(attention: Attention, stats: LayerStats, plan: HeadPlan, na
     return out
 
 
+def refine(stats: LayerStats, tensors: dict[str, torch.Tensor], plan: HeadPlan, attention_prefix: str,
+           query_dims: dict[str, int], calibration: Calibration) -> tuple[dict[str, torch.Tensor], float, float]:  # fmt: skip
+    """Fit the merged attention module's q/k/v/o to the original module's outputs on the calibration
+    inputs (relative squared error), Adam, full batch. The last quarter of the calibration batches is
+    held out: the step kept is the best there, so refinement never makes the held-out fit worse.
+    Returns the tensors and the held-out error before and after."""
+    from gqa_convert.regroup import permute_query_tensor
+
+    calls = stats.attention_calls or []
+    held = max(1, len(calls) // 4)
+    train, check = calls[:-held], calls[-held:]
+    module = stats.make_attention(plan.new_kv)
+    inverse = None
+    if plan.query_order is not None:
+        inverse = [0] * plan.num_heads
+        for position, head in enumerate(plan.query_order):
+            inverse[head] = position
+    local = {}
+    for name, tensor in tensors.items():
+        key = name[len(attention_prefix) :]
+        dim = query_dims.get(key)
+        local[key] = permute_query_tensor(tensor.float(), dim, plan) if dim is not None else tensor.float()
+    missing, unexpected = module.load_state_dict(local, strict=False)
+    if missing or unexpected or not train:
+        reason = f"parameters not covered: {missing or unexpected}" if missing or unexpected else "too few batches"
+        warnings.warn(f"refinement skipped for {attention_prefix}: {reason}", stacklevel=2)
+        return tensors, float("nan"), float("nan")
+
+    def error(batches) -> torch.Tensor:
+        total, norm = 0.0, 0.0
+        for hidden, kwargs, target in batches:
+            output = module(hidden_states=hidden, **kwargs)
+            output = output[0] if isinstance(output, tuple) else output
+            total = total + (output - target).pow(2).sum()
+            norm += float(target.pow(2).sum())
+        return total / norm
+
+    parameters = [parameter for parameter in module.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=calibration.refine_lr)
+    with torch.no_grad():
+        before = best = float(error(check))
+    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    for step in range(calibration.refine_steps):
+        optimizer.zero_grad(set_to_none=True)
+        error(train).backward()
+        optimizer.step()
+        if step % 5 == 4 or step == calibration.refine_steps - 1:
+            with torch.no_grad():
+                now = float(error(check))
+            if now < best:
+                best, best_state = now, {k: v.detach().clone() for k, v in module.state_dict().items()}
+    refined = {}
+    for name, tensor in tensors.items():
+        key = name[len(attention_prefix) :]
+        value = best_state[key]
+        dim = query_dims.get(key)
+        if dim is not None and inverse is not None:  # back to source query order, as overrides are kept
+            value = permute_query_tensor(value, dim, dataclasses.replace(plan, query_order=tuple(inverse)))
+        refined[name] = value.to(tensor.dtype).contiguous()
+    return refined, before, best
+
+
 def calibrate_plans(checkpoint: Checkpoint, base: HeadPlan, method: str, grouping: str, calibration: Calibration,
                     workdir: Path) -> tuple[dict[int, HeadPlan], dict[str, Path]]:  # fmt: skip
     """Per-layer plans (groups, query order) and, for the aligned method, files of merged tensors."""
@@ -145,7 +209,11 @@ def calibrate_plans(checkpoint: Checkpoint, base: HeadPlan, method: str, groupin
     with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                   TimeRemainingColumn()) as progress:  # fmt: skip
         task = progress.add_task("calibrate", total=layers)
-        for layer, stats in layer_statistics(checkpoint, ids):
+        refining = method == "aligned" and calibration.refine_steps > 0
+        attention_name = checkpoint.architecture.kv_tensors[0].suffix.split(".")[0]
+        # q rows and o columns, relative to the attention module: the tensors a query permutation moves
+        query_dims = {q.suffix.split(".", 1)[1]: q.dim for q in checkpoint.architecture.query_tensors}
+        for layer, stats in layer_statistics(checkpoint, ids, keep_activations=refining):
             attention, names = read_attention(checkpoint, layer, base)
             plan = base
             if grouping == "similarity":
@@ -156,6 +224,11 @@ def calibrate_plans(checkpoint: Checkpoint, base: HeadPlan, method: str, groupin
             if method == "aligned":
                 dtypes = {name: info.dtype for name, info in checkpoint.tensors.items()}
                 tensors = _aligned_tensors(attention, stats, plan, names, rotary, key_norm, dtypes)
+                if refining:
+                    prefix = checkpoint.architecture.layer_prefix.format(layer=layer) + attention_name + "."
+                    with torch.enable_grad():
+                        tensors, before, after = refine(stats, tensors, plan, prefix, query_dims, calibration)
+                    progress.console.log(f"layer {layer}: held-out attention error {before:.4f} -> {after:.4f}")
                 from safetensors.torch import save_file
 
                 path = workdir / f"layer-{layer:05d}.safetensors"

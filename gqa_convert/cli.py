@@ -88,6 +88,8 @@ def pool(
     calib_tokens: int = typer.Option(16384, help="calibration tokens"),
     calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
     calib_text_column: str = typer.Option("text", help="text column of table calibration data"),
+    refine_steps: int = typer.Option(0, help="aligned: Adam steps per layer fitting the merged attention to the original"),
+    refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),
 ) -> None:
     """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
     from gqa_convert.calibrated import Calibration
@@ -96,7 +98,10 @@ def pool(
     if calib_tokens < 1 or calib_seq_len < 2:
         raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
     _quiet_libraries()
-    calibration = Calibration(calib_data, calib_tokens, calib_seq_len, calib_text_column) if calib_data else None
+    if refine_steps and method.value != "aligned":
+        raise GQAConvertError("--refine-steps refines the aligned merge: add --method aligned")
+    calibration = (Calibration(calib_data, calib_tokens, calib_seq_len, calib_text_column, refine_steps, refine_lr)
+                   if calib_data else None)  # fmt: skip
     result = run_pool(source, out, kv_heads, method.value, grouping.value, dtype.value, max_shard_size, force,
                       seed, revision, allow_pickle, calibration)  # fmt: skip
     _summary(result)
