@@ -312,9 +312,11 @@ def read_gguf_summary(path: Path) -> tuple[Any, Architecture, int, str]:
     return config, arch, parameters, f"gguf {main_type}"
 
 
-def check_model_folder(folder: Path) -> None:
-    """A transformers folder of a supported architecture with safetensors weights (for training and eval)."""
+def check_model_folder(folder: Path) -> Any:
+    """A transformers folder of a supported architecture with safetensors weights (for training and
+    eval). Returns its config (class defaults resolved)."""
     if not folder.is_dir():
         raise GQAConvertError(f"model not found: {folder} (give a folder written by gqa-convert or transformers)")
-    read_config(folder)
+    _, config, _ = read_config(folder)
     _weight_files(folder, allow_pickle=False)
+    return config

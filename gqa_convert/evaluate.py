@@ -64,13 +64,12 @@ def evaluate(model_path: str | Path, data: str | Path, seq_len: int = 2048, max_
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    from gqa_convert.checkpoint import check_model_folder, read_config
+    from gqa_convert.checkpoint import check_model_folder
     from gqa_convert.data import read_text
 
-    check_model_folder(Path(model_path))
     if seq_len < 2:
         raise GQAConvertError("--seq-len must be at least 2")
-    _, config, _ = read_config(Path(model_path))
+    config = check_model_folder(Path(model_path))
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise GQAConvertError(f"--seq-len {seq_len} is above the model's {positions} positions: lower it")

@@ -101,10 +101,7 @@ def world_size(config: TrainConfig) -> int:
 def validate(config: TrainConfig) -> None:
     """Every check that needs no data: the CLI and the library both go through here."""
     model = Path(config.model)
-    check_model_folder(model)
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(model)
+    model_config = check_model_folder(model)
     positions = getattr(model_config, "max_position_embeddings", None)
     if config.seq_len < 2:
         raise GQAConvertError("--seq-len must be at least 2")

@@ -125,7 +125,7 @@ def test_hub_id_offline_says_so(tmp_path, monkeypatch):
     fails(["pool", "some-org/some-model", "-o", tmp_path / "out", "-g", 1], "HF_HUB_OFFLINE")
 
 
-def test_unknown_size_and_gqa_source_divisors(src, tmp_path):
+def test_unknown_max_shard_size(src, tmp_path):
     fails(["pool", src, "-o", tmp_path / "out", "-g", 1, "--max-shard-size", "lots"], "size 'lots'")
 
 

@@ -97,8 +97,6 @@ def test_aligned_refuses_fused_projections(tmp_path):
 
 def test_refinement_lowers_the_held_out_attention_error_and_keeps_exact_merges(tmp_path):
     """Copies merge exactly (nothing to refine); a real merge is refined, the held-out check decides."""
-    from gqa_convert.calibrated import refine  # noqa: F401  (the library function the CLI option drives)
-
     original = build(tmp_path / "src", "qwen2", num_attention_heads=8, num_key_value_heads=4)
     refined = Calibration(str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3)
     expand(tmp_path / "src", tmp_path / "mha")
