@@ -1,4 +1,5 @@
-"""The `gqa-convert` command: each subcommand parses, validates and calls one library function."""
+"""The `gqa-convert` command: each subcommand parses its flags, builds the library's options (which
+validate themselves) and calls one library function."""
 
 from __future__ import annotations
 
@@ -9,21 +10,37 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import typer
 
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.grouping import GROUPINGS
-from gqa_convert.merging import CALIBRATED_METHODS, METHODS
+from gqa_convert.evaluate import EvalOptions
+from gqa_convert.evaluate import evaluate as run_evaluate
+from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
+from gqa_convert.surgery.convert import expand as run_expand
+from gqa_convert.surgery.convert import pool as run_pool
+from gqa_convert.surgery.groupings import GROUPINGS
+from gqa_convert.surgery.methods import METHODS
+from gqa_convert.surgery.options import Calibration, ExpandOptions, PoolOptions
+from gqa_convert.train.launch import uptrain as run_uptrain
+from gqa_convert.train.settings import TrainSettings
+from gqa_convert.units import DTYPE_NAMES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert multi-head attention checkpoints to grouped-query attention, and recover them.")  # fmt: skip
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert multi-head attention checkpoints to grouped-query attention, and recover them.",
+)
 
-Method = enum.Enum("Method", {name: name for name in [*METHODS, *CALIBRATED_METHODS]}, type=str)
+Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
 Grouping = enum.Enum("Grouping", {name: name for name in GROUPINGS}, type=str)
-DType = enum.Enum("DType", {name: name for name in ("auto", "float32", "bfloat16", "float16")}, type=str)
+DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
+_METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+_GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
 
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -61,12 +78,11 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """What a checkpoint is, and its KV-cache bytes per token at every reachable kv head count."""
-    from gqa_convert.report import CACHE_DTYPES, format_inspect, inspect_checkpoint
-
-    if cache_dtype != "auto" and cache_dtype not in CACHE_DTYPES:
-        raise GQAConvertError(f"--cache-dtype {cache_dtype}: choose auto or one of {', '.join(CACHE_DTYPES)}")
+    options = InspectOptions(
+        seq_len=seq_len, batch=batch, cache_dtype=cache_dtype, revision=revision, allow_pickle=allow_pickle
+    )
     _quiet_libraries()
-    report = inspect_checkpoint(source, seq_len, batch, cache_dtype, revision, allow_pickle)
+    report = inspect_checkpoint(source, options)
     typer.echo(json.dumps(report) if as_json else format_inspect(report))
 
 
@@ -76,35 +92,50 @@ def pool(
     source: str = typer.Argument(..., help="model folder, .gguf file or Hub id"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (created)"),
     kv_heads: int = typer.Option(..., "--kv-heads", "-g", help="kv heads after pooling (1 = MQA)"),
-    method: Method = typer.Option("mean", help="how a group's heads merge"),
-    grouping: Grouping = typer.Option("contiguous", help="which heads form a group"),
+    method: Method = typer.Option("mean", help=_METHOD_HELP),
+    grouping: Grouping = typer.Option("contiguous", help=_GROUPING_HELP),
     dtype: DType = typer.Option("auto", help="output dtype of floating tensors"),
     max_shard_size: str = typer.Option("5GB", help="largest safetensors shard"),
     seed: int = typer.Option(0, help="seed for --method random"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin (pickle) weights"),
-    calib_data: Optional[str] = typer.Option(None, help="calibration text for --method aligned / --grouping similarity"),
+    calib_data: Optional[str] = typer.Option(None, help="calibration text for calibrated methods and groupings"),
     calib_tokens: int = typer.Option(16384, help="calibration tokens"),
     calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
     calib_text_column: str = typer.Option("text", help="text column of table calibration data"),
-    refine_steps: int = typer.Option(0, help="aligned: Adam steps per layer fitting the merged attention to the original"),
+    refine_steps: int = typer.Option(
+        0, help="aligned: Adam steps per layer fitting the merged attention to the original"
+    ),
     refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),
 ) -> None:
     """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
-    from gqa_convert.calibrated import Calibration
-    from gqa_convert.convert import pool as run_pool
-
-    if calib_tokens < 1 or calib_seq_len < 2:
-        raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
+    if refine_steps and not calib_data:
+        raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned --calib-data FILE")
+    calibration = None
+    if calib_data:
+        calibration = Calibration(
+            data=calib_data,
+            tokens=calib_tokens,
+            seq_len=calib_seq_len,
+            text_column=calib_text_column,
+            refine_steps=refine_steps,
+            refine_lr=refine_lr,
+        )
+    options = PoolOptions(
+        kv_heads=kv_heads,
+        method=method.value,
+        grouping=grouping.value,
+        seed=seed,
+        calibration=calibration,
+        dtype=dtype.value,
+        max_shard_size=max_shard_size,
+        force=force,
+        revision=revision,
+        allow_pickle=allow_pickle,
+    )
     _quiet_libraries()
-    if refine_steps and method.value != "aligned":
-        raise GQAConvertError("--refine-steps refines the aligned merge: add --method aligned")
-    calibration = (Calibration(calib_data, calib_tokens, calib_seq_len, calib_text_column, refine_steps, refine_lr)
-                   if calib_data else None)  # fmt: skip
-    result = run_pool(source, out, kv_heads, method.value, grouping.value, dtype.value, max_shard_size, force,
-                      seed, revision, allow_pickle, calibration)  # fmt: skip
-    _summary(result)
+    _summary(run_pool(source, out, options))
 
 
 @app.command()
@@ -119,10 +150,11 @@ def expand(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin (pickle) weights"),
 ) -> None:
     """Exact GQA/MQA -> MHA: repeat each kv head for the query heads that read it."""
-    from gqa_convert.convert import expand as run_expand
-
+    options = ExpandOptions(
+        dtype=dtype.value, max_shard_size=max_shard_size, force=force, revision=revision, allow_pickle=allow_pickle
+    )
     _quiet_libraries()
-    _summary(run_expand(source, out, dtype.value, max_shard_size, force, revision, allow_pickle))
+    _summary(run_expand(source, out, options))
 
 
 @app.command()
@@ -165,18 +197,17 @@ def uptrain(
     main_process_port: int = typer.Option(29500, help="port on machine rank 0"),
     accelerate_config: Optional[str] = typer.Option(None, help="an Accelerate YAML (FSDP, DeepSpeed...)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
-    teacher: Optional[str] = typer.Option(None, help="distil from this model (folder or .gguf): the unconverted source"),
+    teacher: Optional[str] = typer.Option(
+        None, help="distil from this model (folder or .gguf): the unconverted source"
+    ),
     distill_weight: float = typer.Option(0.5, help="weight of the distillation loss (the LM loss gets 1 - w)"),
     distill_temperature: float = typer.Option(1.0, help="softmax temperature of the distillation"),
 ) -> None:
     """Continued pre-training of a converted model (the GQA paper's uptraining) with Accelerate."""
-    from gqa_convert.train_setup import TrainConfig
-    from gqa_convert.train_setup import uptrain as run_uptrain
-
+    arguments = {k: v for k, v in locals().items() if k in TrainSettings.__dataclass_fields__}
+    settings = TrainSettings(**{**arguments, "out": str(out)})
     _quiet_libraries()
-    settings = {k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__}
-    settings["out"] = str(out)
-    result = run_uptrain(TrainConfig(**settings))
+    result = run_uptrain(settings)
     typer.echo(json.dumps(result, indent=2 if dry_run else None))
 
 
@@ -192,15 +223,15 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Perplexity over non-overlapping windows of the text tokenized as one string."""
-    from gqa_convert.evaluate import evaluate as run_evaluate
-
+    options = EvalOptions(seq_len=seq_len, max_tokens=max_tokens, text_column=text_column, batch_size=batch_size)
     _quiet_libraries()
-    result = run_evaluate(model, data, seq_len, max_tokens, text_column, batch_size)
+    result = run_evaluate(model, data, options)
     if as_json:
         typer.echo(json.dumps(result))
     else:
-        typer.echo(f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens "
-                   f"(windows of {seq_len})")  # fmt: skip
+        typer.echo(
+            f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens (windows of {seq_len})"
+        )
 
 
 def _summary(result: Any) -> None:

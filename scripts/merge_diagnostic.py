@@ -16,8 +16,9 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_convert.aligned import Attention, merge_keys, merge_values
-from gqa_convert.evaluate import perplexity_of, tokenize_text
+from gqa_convert.data.text import tokenize_text
+from gqa_convert.evaluate import perplexity_of
+from gqa_convert.surgery.calibration.aligned import Attention, merge_keys, merge_values
 
 
 def main() -> None:
@@ -44,8 +45,10 @@ def main() -> None:
 
         return accumulate
 
-    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(model.model.layers)]  # fmt: skip
+    handles = [
+        layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, layer in enumerate(model.model.layers)
+    ]
     with torch.no_grad():
         for start in range(0, len(calib) - 511, 512):
             model(input_ids=calib[start : start + 512][None])
@@ -60,10 +63,19 @@ def main() -> None:
         a = layer.self_attn
 
         def heads(weight, count):
-            return torch.cat([weight.double(), torch.zeros(len(weight), 1, dtype=torch.float64)], 1).reshape(count, hd, -1)
+            return torch.cat([weight.double(), torch.zeros(len(weight), 1, dtype=torch.float64)], 1).reshape(
+                count, hd, -1
+            )
 
-        return Attention(heads(a.q_proj.weight, nh), heads(a.k_proj.weight, nkv), heads(a.v_proj.weight, nkv),
-                         a.o_proj.weight.double().reshape(d, nh, hd), False, False, False)  # fmt: skip
+        return Attention(
+            heads(a.q_proj.weight, nh),
+            heads(a.k_proj.weight, nkv),
+            heads(a.v_proj.weight, nkv),
+            a.o_proj.weight.double().reshape(d, nh, hd),
+            False,
+            False,
+            False,
+        )
 
     for label, merge_k, merge_v in (("K only", True, False), ("V only", False, True), ("K and V", True, True)):
         model.load_state_dict(original)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import build_tiny, load, logits
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
-from tiny_models import build_tiny, load, logits
 
 runner = CliRunner()
 
@@ -73,12 +73,15 @@ def test_corrupt_safetensors_header(src, tmp_path):
     fails(["inspect", src], "corrupt header")
 
 
-@pytest.mark.parametrize("model_type, config_class, reason", [
-    ("gpt2", "GPT2Config", "no kv head count"),
-    ("gpt_neox", "GPTNeoXConfig", "no kv head count"),
-    ("opt", "OPTConfig", "no kv head count"),
-    ("deepseek_v2", "DeepseekV2Config", "multi-head latent attention"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_type, config_class, reason",
+    [
+        ("gpt2", "GPT2Config", "no kv head count"),
+        ("gpt_neox", "GPTNeoXConfig", "no kv head count"),
+        ("opt", "OPTConfig", "no kv head count"),
+        ("deepseek_v2", "DeepseekV2Config", "multi-head latent attention"),
+    ],
+)
 def test_unsupported_architecture_is_named_with_the_reason(tmp_path, model_type, config_class, reason):
     import transformers
 
@@ -111,8 +114,11 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
     folder = tmp_path / "pickled"
     folder.mkdir()
     (folder / "config.json").write_text((tmp_path / "safe" / "config.json").read_text())
-    state = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight" or
-             not model.config.tie_word_embeddings}  # fmt: skip
+    state = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight" or not model.config.tie_word_embeddings
+    }
     torch.save(state, folder / "pytorch_model.bin")
     fails(["pool", folder, "-o", tmp_path / "out", "-g", 1], "--allow-pickle")
     result = runner.invoke(app, ["pool", str(folder), "-o", str(tmp_path / "out"), "-g", "2", "--allow-pickle"])
@@ -139,8 +145,11 @@ def test_full_disk_leaves_no_half_folder(src, tmp_path):
 
     process = subprocess.run(
         [sys.executable, "-m", "gqa_convert.cli", "pool", str(src), "-o", str(out), "-g", "1"],
-        preexec_fn=limit_file_size, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        preexec_fn=limit_file_size,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert process.returncode == 2, process.stderr
     assert "no space left" in process.stderr and "Traceback" not in process.stderr
     assert not out.exists()

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
-from gqa_convert.calibrated import Calibration
-from gqa_convert.convert import expand, pool
-from gqa_convert.errors import GQAConvertError
 from test_bad_input import fails
 from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
 
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.surgery.convert import expand, pool
+from gqa_convert.surgery.options import Calibration, PoolOptions
+
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
-CALIBRATION = Calibration(str(SAMPLE), tokens=1024, seq_len=64)
+CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
 
 
 def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:
@@ -40,7 +40,7 @@ def test_aligned_merge_of_copied_heads_is_exact(tmp_path, model_type):
     expand(tmp_path / "src", tmp_path / "mha")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k-norm models warn that K is mean-pooled
-        pool(tmp_path / "mha", tmp_path / "back", kv_heads=2, method="aligned", calibration=CALIBRATION)
+        pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=CALIBRATION))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
 
@@ -51,7 +51,9 @@ def shuffle_heads(model: transformers.PreTrainedModel, order: list[int]) -> None
         for layer in model.model.layers:
             attention = layer.self_attn
             for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
-                projection.weight.copy_(projection.weight.reshape(len(order), hd, -1)[order].reshape(-1, projection.weight.shape[1]))
+                projection.weight.copy_(
+                    projection.weight.reshape(len(order), hd, -1)[order].reshape(-1, projection.weight.shape[1])
+                )
                 if projection.bias is not None:
                     projection.bias.copy_(projection.bias.reshape(len(order), hd)[order].reshape(-1))
             o = attention.o_proj.weight
@@ -69,10 +71,13 @@ def test_similarity_grouping_recovers_shuffled_heads(tmp_path, method):
     shuffled.save_pretrained(tmp_path / "shuffled")
     save_tiny_tokenizer(tmp_path / "shuffled")
 
-    pool(tmp_path / "shuffled", tmp_path / "contiguous", kv_heads=4)
+    pool(tmp_path / "shuffled", tmp_path / "contiguous", PoolOptions(kv_heads=4))
     assert not torch.allclose(logits(load(tmp_path / "contiguous")), reference, atol=1e-2)  # the test can fail
-    pool(tmp_path / "shuffled", tmp_path / "similar", kv_heads=4, method=method, grouping="similarity",
-         calibration=CALIBRATION)  # fmt: skip
+    pool(
+        tmp_path / "shuffled",
+        tmp_path / "similar",
+        PoolOptions(kv_heads=4, method=method, grouping="similarity", calibration=CALIBRATION),
+    )
     torch.testing.assert_close(logits(load(tmp_path / "similar")), reference, atol=2e-3, rtol=2e-3)
 
 
@@ -80,34 +85,39 @@ def test_calibration_input_is_checked(tmp_path):
     build(tmp_path / "src", "llama")
     out = tmp_path / "out"
     fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned"], "--calib-data")
-    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "no.txt"],
-          "data not found")  # fmt: skip
+    fails(
+        ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "no.txt"],
+        "data not found",
+    )
     (tmp_path / "short.txt").write_text("Too little text to calibrate anything.")
-    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "short.txt"],
-          "calibration needs at least")  # fmt: skip
+    fails(
+        ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "short.txt"],
+        "calibration needs at least",
+    )
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_aligned_refuses_fused_projections(tmp_path):
     build(tmp_path / "src", "phi3")
     with pytest.raises(GQAConvertError, match="use --method mean"):
-        pool(tmp_path / "src", tmp_path / "out", kv_heads=1, method="aligned", calibration=CALIBRATION)
+        pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, method="aligned", calibration=CALIBRATION))
     assert not (tmp_path / "out").exists()
 
 
 def test_refinement_lowers_the_held_out_attention_error_and_keeps_exact_merges(tmp_path):
     """Copies merge exactly (nothing to refine); a real merge is refined, the held-out check decides."""
     original = build(tmp_path / "src", "qwen2", num_attention_heads=8, num_key_value_heads=4)
-    refined = Calibration(str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3)
+    refined = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3)
     expand(tmp_path / "src", tmp_path / "mha")
-    pool(tmp_path / "mha", tmp_path / "back", kv_heads=4, method="aligned", calibration=refined)
+    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=4, method="aligned", calibration=refined))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
-    pool(tmp_path / "src", tmp_path / "plain", kv_heads=1, method="aligned", calibration=CALIBRATION)
-    pool(tmp_path / "src", tmp_path / "refined", kv_heads=1, method="aligned", calibration=refined)
+    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=CALIBRATION))
+    pool(tmp_path / "src", tmp_path / "refined", PoolOptions(kv_heads=1, method="aligned", calibration=refined))
     from transformers import AutoTokenizer
 
-    from gqa_convert.evaluate import perplexity_of, tokenize_text
+    from gqa_convert.data.text import tokenize_text
+    from gqa_convert.evaluate import perplexity_of
 
     ids = tokenize_text(AutoTokenizer.from_pretrained(tmp_path / "src"), SAMPLE.read_text())
     plain, better = (perplexity_of(load(tmp_path / name), ids, 64)["perplexity"] for name in ("plain", "refined"))

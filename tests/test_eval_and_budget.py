@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import fails
+from tiny_models import build_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from gqa_convert.budget import known_pretraining_tokens, parse_tokens, resolve_budget
 from gqa_convert.cli import app
 from gqa_convert.errors import GQAConvertError
-from test_bad_input import fails
-from tiny_models import build_trainable
+from gqa_convert.train.budget import known_pretraining_tokens, resolve_budget
+from gqa_convert.units import parse_tokens
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 runner = CliRunner()
@@ -54,8 +55,9 @@ def test_eval_equals_an_independent_computation(model_dir, seq_len):
 
 
 def test_eval_max_tokens_and_bad_input(model_dir, tmp_path):
-    result = runner.invoke(app, ["eval", str(model_dir), "--data", str(SAMPLE), "--seq-len", "50",
-                                 "--max-tokens", "200", "--json"])  # fmt: skip
+    result = runner.invoke(
+        app, ["eval", str(model_dir), "--data", str(SAMPLE), "--seq-len", "50", "--max-tokens", "200", "--json"]
+    )
     assert json.loads(result.stdout)["tokens"] == 200 - 4
     fails(["eval", str(model_dir), "--data", str(tmp_path / "missing.txt"), "--seq-len", "64"], "data not found")
     fails(["eval", str(model_dir), "--data", str(SAMPLE), "--seq-len", "100000"], "positions")
@@ -100,15 +102,22 @@ def _uptrain(model, out, *extra):
     return ["uptrain", str(model), "-o", str(out), "--seq-len", "32", "--tokens", "4096", *map(str, extra)]
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing", "data not found"),
-    ("empty", "holds 0 tokens"),
-    ("column", "no column 'text'"),
-    ("short", "fewer than one block"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing", "data not found"),
+        ("empty", "holds 0 tokens"),
+        ("column", "no column 'text'"),
+        ("short", "fewer than one block"),
+    ],
+)
 def test_uptrain_bad_data_writes_nothing(trainable, tmp_path, case, expected):
-    data = {"missing": tmp_path / "nope.txt", "empty": tmp_path / "empty.txt", "column": tmp_path / "rows.jsonl",
-            "short": tmp_path / "short.txt"}[case]  # fmt: skip
+    data = {
+        "missing": tmp_path / "nope.txt",
+        "empty": tmp_path / "empty.txt",
+        "column": tmp_path / "rows.jsonl",
+        "short": tmp_path / "short.txt",
+    }[case]
     if case == "empty":
         data.write_text("")
     if case == "column":
@@ -129,7 +138,9 @@ def test_uptrain_bad_settings(trainable, tmp_path):
     gpt2.mkdir()
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     fails(_uptrain(gpt2, out, "--data", SAMPLE), "not supported")
-    fails(["uptrain", str(trainable), "-o", str(out), "--data", str(SAMPLE), "--seq-len", "32"], "not known", "--tokens")
+    fails(
+        ["uptrain", str(trainable), "-o", str(out), "--data", str(SAMPLE), "--seq-len", "32"], "not known", "--tokens"
+    )
     fails(_uptrain(trainable, out, "--data", SAMPLE, "--global-batch-tokens", 1000), "not a multiple")
     fails(_uptrain(trainable, out, "--data", SAMPLE, "--mixed-precision", "bf16", "--dry-run"), "needs a GPU")
     assert not out.exists()
@@ -140,11 +151,11 @@ def test_uptrain_bad_settings(trainable, tmp_path):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(trainable, tmp_path):
     out = tmp_path / "out"
-    result = runner.invoke(app, _uptrain(trainable, out, "--data", SAMPLE, "--micro-batch-size", 2,
-                                         "--grad-accum", 4, "--dry-run"))  # fmt: skip
+    result = runner.invoke(
+        app, _uptrain(trainable, out, "--data", SAMPLE, "--micro-batch-size", 2, "--grad-accum", 4, "--dry-run")
+    )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["global_batch_tokens"] == 2 * 4 * 32 and plan["steps"] == 16 and plan["tokens"] == 4096
     assert plan["processes"] == 1 and plan["measured_step_s"] > 0
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
-

@@ -6,11 +6,13 @@ import json
 
 import pytest
 import torch
+from real_model import SAMPLE_TEXT, smollm2_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-from gqa_convert.convert import expand, pool
-from gqa_convert.evaluate import perplexity_of, tokenize_text
-from real_model import SAMPLE_TEXT, smollm2_gguf
+from gqa_convert.data.text import tokenize_text
+from gqa_convert.evaluate import perplexity_of
+from gqa_convert.surgery.convert import expand, pool
+from gqa_convert.surgery.options import PoolOptions
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +39,7 @@ def original(gguf):
 
 
 def test_pool_gguf_to_mqa_loads_and_generates(tmp_path, gguf):
-    pool(gguf, tmp_path / "mqa", kv_heads=1, dtype="bfloat16")
+    pool(gguf, tmp_path / "mqa", PoolOptions(kv_heads=1, dtype="bfloat16"))
     assert json.loads((tmp_path / "mqa" / "config.json").read_text())["num_key_value_heads"] == 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mqa")
@@ -56,7 +58,7 @@ def test_expand_then_pool_back_reproduces_perplexity(tmp_path, mha_folder, origi
 
     mha = AutoModelForCausalLM.from_pretrained(mha_folder, dtype=torch.float32)
     assert mha.config.num_key_value_heads == 9
-    pool(mha_folder, tmp_path / "gqa3", kv_heads=3)
+    pool(mha_folder, tmp_path / "gqa3", PoolOptions(kv_heads=3))
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa3", dtype=torch.float32)
     assert back.config.num_key_value_heads == 3
     for converted in (mha, back):
@@ -73,7 +75,7 @@ def test_mean_pooling_to_mqa_costs_quality_on_the_real_model(tmp_path, mha_folde
     model, tokenizer = original
     ids = tokenize_text(tokenizer, SAMPLE_TEXT.read_text())
     reference = perplexity_of(model, ids, seq_len=256)["perplexity"]
-    pool(mha_folder, tmp_path / "mqa", kv_heads=1)  # MHA-9 -> MQA: the 3 original heads, each thrice
+    pool(mha_folder, tmp_path / "mqa", PoolOptions(kv_heads=1))  # MHA-9 -> MQA: the 3 original heads, each thrice
     mqa = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa", dtype=torch.float32)
     pooled = perplexity_of(mqa, ids, seq_len=256)["perplexity"]
     assert pooled > 2 * reference
@@ -82,17 +84,21 @@ def test_mean_pooling_to_mqa_costs_quality_on_the_real_model(tmp_path, mha_folde
 
 def test_aligned_merge_beats_mean_pooling_on_held_out_text(tmp_path, mha_folder):
     """Calibrated on the first 60% of the sample, measured on the rest: aligned must be far better."""
-    from gqa_convert.calibrated import Calibration
+    from gqa_convert.surgery.options import Calibration
 
     text = SAMPLE_TEXT.read_text()
     cut = text.index("\n", int(len(text) * 0.6)) + 1
     (tmp_path / "calib.txt").write_text(text[:cut])
     (tmp_path / "heldout.txt").write_text(text[cut:])
-    calibration = Calibration(str(tmp_path / "calib.txt"), tokens=288, seq_len=96)
-    pool(mha_folder, tmp_path / "aligned", kv_heads=1, method="aligned", calibration=calibration)
-    pool(mha_folder, tmp_path / "mean", kv_heads=1)
+    calibration = Calibration(data=str(tmp_path / "calib.txt"), tokens=288, seq_len=96)
+    pool(mha_folder, tmp_path / "aligned", PoolOptions(kv_heads=1, method="aligned", calibration=calibration))
+    pool(mha_folder, tmp_path / "mean", PoolOptions(kv_heads=1))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "aligned")
     ids = tokenize_text(tokenizer, (tmp_path / "heldout.txt").read_text())
-    scores = {name: perplexity_of(AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32), ids,
-                                  seq_len=128)["perplexity"] for name in ("aligned", "mean")}  # fmt: skip
+    scores = {
+        name: perplexity_of(
+            AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype=torch.float32), ids, seq_len=128
+        )["perplexity"]
+        for name in ("aligned", "mean")
+    }
     assert scores["aligned"] * 10 < scores["mean"], scores

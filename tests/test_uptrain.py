@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import build_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gqa_convert.train_setup import TrainConfig, uptrain
-from tiny_models import build_trainable
+from gqa_convert.train.launch import uptrain
+from gqa_convert.train.settings import TrainSettings
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 
@@ -41,8 +42,18 @@ COMMON = ["--data", SAMPLE, "--seq-len", 32, "--lr", 3e-3, "--tokens", 25600]
 
 def test_loss_falls_and_tokens_land_on_the_budget(model_dir, tmp_path):
     out = tmp_path / "out"
-    result = uptrain(TrainConfig(model=str(model_dir), out=str(out), data=str(SAMPLE), tokens="25600", seq_len=32,
-                                 micro_batch_size=4, lr=3e-3, save_every=1000))  # fmt: skip
+    result = uptrain(
+        TrainSettings(
+            model=str(model_dir),
+            out=str(out),
+            data=str(SAMPLE),
+            tokens="25600",
+            seq_len=32,
+            micro_batch_size=4,
+            lr=3e-3,
+            save_every=1000,
+        )
+    )
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 201))  # 25600 / (4 x 32)
     assert rows[-1]["tokens"] == 25600 == result["tokens"]
@@ -54,7 +65,9 @@ def test_loss_falls_and_tokens_land_on_the_budget(model_dir, tmp_path):
     trained = AutoModelForCausalLM.from_pretrained(out)
     original = AutoModelForCausalLM.from_pretrained(model_dir)
     assert trained.config.num_key_value_heads == 2
-    assert not torch.equal(trained.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight)
+    assert not torch.equal(
+        trained.model.layers[0].self_attn.k_proj.weight, original.model.layers[0].self_attn.k_proj.weight
+    )
     assert AutoTokenizer.from_pretrained(out)("market")["input_ids"]
     provenance = json.loads((out / "gqa_convert.json").read_text())
     assert provenance["uptrain"]["tokens"] == 25600 and provenance["uptrain"]["steps"] == 200
@@ -63,8 +76,19 @@ def test_loss_falls_and_tokens_land_on_the_budget(model_dir, tmp_path):
 
 def test_budget_rounds_up_to_whole_steps_and_attention_only_freezes_the_rest(model_dir, tmp_path):
     out = tmp_path / "out"
-    uptrain(TrainConfig(model=str(model_dir), out=str(out), data=str(SAMPLE), tokens="1000", seq_len=32,
-                        micro_batch_size=2, grad_accum=2, trainable="attention", lr=1e-2))  # fmt: skip
+    uptrain(
+        TrainSettings(
+            model=str(model_dir),
+            out=str(out),
+            data=str(SAMPLE),
+            tokens="1000",
+            seq_len=32,
+            micro_batch_size=2,
+            grad_accum=2,
+            trainable="attention",
+            lr=1e-2,
+        )
+    )
     rows = metrics(out)
     assert len(rows) == 8 and rows[-1]["tokens"] == 8 * 128  # ceil(1000 / 128) steps
     trained, original = AutoModelForCausalLM.from_pretrained(out), AutoModelForCausalLM.from_pretrained(model_dir)
@@ -78,10 +102,20 @@ def test_two_processes_train_the_same_global_batches_as_one(model_dir, tmp_path)
     """Same global batch (2 processes x 2 blocks = 1 x 4): the same blocks per step, the same losses."""
     single, double = tmp_path / "one", tmp_path / "two"
     env = {**os.environ, "CI": "1"}
-    subprocess.run(cli(model_dir, "-o", single, *COMMON, "--micro-batch-size", 4), check=True, env=env,
-                   capture_output=True, timeout=600)  # fmt: skip
-    process = subprocess.run(cli(model_dir, "-o", double, *COMMON, "--micro-batch-size", 2, "--num-processes", 2),
-                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        cli(model_dir, "-o", single, *COMMON, "--micro-batch-size", 4),
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    process = subprocess.run(
+        cli(model_dir, "-o", double, *COMMON, "--micro-batch-size", 2, "--num-processes", 2),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert process.returncode == 0, process.stderr[-3000:]
     one, two = metrics(single), metrics(double)
     assert len(two) == len(one) == 200 and two[-1]["tokens"] == one[-1]["tokens"] == 25600
@@ -93,8 +127,20 @@ def test_two_processes_train_the_same_global_batches_as_one(model_dir, tmp_path)
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     model = tmp_path / "model"
     build_trainable(model, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
-    args = ["--data", SAMPLE, "--seq-len", 128, "--micro-batch-size", 4, "--lr", 1e-3, "--tokens", 200 * 512,
-            "--save-every", 20]  # fmt: skip
+    args = [
+        "--data",
+        SAMPLE,
+        "--seq-len",
+        128,
+        "--micro-batch-size",
+        4,
+        "--lr",
+        1e-3,
+        "--tokens",
+        200 * 512,
+        "--save-every",
+        20,
+    ]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run(cli(model, "-o", reference, *args), check=True, capture_output=True, timeout=600)
 
@@ -126,12 +172,25 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
 def test_distillation_from_the_source_teacher(model_dir, tmp_path):
     """KL to itself is zero; a mean-pooled MQA student moves towards its GQA teacher."""
     same = tmp_path / "same"
-    uptrain(TrainConfig(model=str(model_dir), out=str(same), data=str(SAMPLE), tokens="256", seq_len=32,
-                        micro_batch_size=4, teacher=str(model_dir), distill_weight=1.0, lr=1e-9))  # fmt: skip
+    uptrain(
+        TrainSettings(
+            model=str(model_dir),
+            out=str(same),
+            data=str(SAMPLE),
+            tokens="256",
+            seq_len=32,
+            micro_batch_size=4,
+            teacher=str(model_dir),
+            distill_weight=1.0,
+            lr=1e-9,
+        )
+    )
     assert metrics(same)[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
 
-    from gqa_convert.convert import pool
     from tiny_models import save_tiny_tokenizer
+
+    from gqa_convert.surgery.convert import pool
+    from gqa_convert.surgery.options import PoolOptions
 
     teacher = tmp_path / "teacher"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -140,10 +199,21 @@ def test_distillation_from_the_source_teacher(model_dir, tmp_path):
             parameter.normal_(0, 0.2)
     model.save_pretrained(teacher)
     save_tiny_tokenizer(teacher)
-    pool(teacher, tmp_path / "mqa", kv_heads=1)
+    pool(teacher, tmp_path / "mqa", PoolOptions(kv_heads=1))
     out = tmp_path / "distilled"
-    uptrain(TrainConfig(model=str(tmp_path / "mqa"), out=str(out), data=str(SAMPLE), tokens=str(60 * 128),
-                        seq_len=32, micro_batch_size=4, teacher=str(teacher), distill_weight=1.0, lr=3e-3))  # fmt: skip
+    uptrain(
+        TrainSettings(
+            model=str(tmp_path / "mqa"),
+            out=str(out),
+            data=str(SAMPLE),
+            tokens=str(60 * 128),
+            seq_len=32,
+            micro_batch_size=4,
+            teacher=str(teacher),
+            distill_weight=1.0,
+            lr=3e-3,
+        )
+    )
     rows = metrics(out)
     first, last = (sum(r["distill_loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
     assert rows[0]["distill_loss"] > 1e-3 and last < 0.5 * first, (first, last)

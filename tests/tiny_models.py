@@ -13,10 +13,17 @@ import transformers
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 4, 2, 2, 128
 _COMMON = dict(
-    hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-    num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=64,
-    pad_token_id=0, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    hidden_size=HIDDEN,
+    intermediate_size=96,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 # model_type -> (config class name, extra kwargs). Biases and kv-dependent norms switched on where they exist.
 TINY = {
@@ -36,8 +43,10 @@ TINY = {
     "cohere": ("CohereConfig", dict(use_qk_norm=True)),
     "starcoder2": ("Starcoder2Config", dict(use_bias=True)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=2, num_experts_per_tok=1)),
-    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=32)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
     "falcon": ("FalconConfig", dict(num_kv_heads=KV_HEADS, new_decoder_architecture=True, bias=True)),
 }
 
@@ -74,19 +83,23 @@ def logits(model: transformers.PreTrainedModel, seed: int = 1) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> "transformers.PreTrainedTokenizerFast":
+def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> transformers.PreTrainedTokenizerFast:
     """A byte-level BPE trained here on the sample text: a real tokenizer with no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     sample = Path(__file__).parent / "data" / "sample.txt"
     tokenizer.train([str(sample)], trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>")  # fmt: skip
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(folder)
     return fast
 

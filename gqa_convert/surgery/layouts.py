@@ -5,46 +5,16 @@ how the converter learns every output shape before it writes a byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from gqa_convert.architectures import FUSED_CONCAT, FUSED_GROUPED, PER_HEAD, ROWS, KvTensor
-from gqa_convert.merging import MergeContext, MergeFn, merge_first
+from gqa_convert.arch import KvTensor, Layout, TensorKind
+from gqa_convert.surgery.methods import MergeContext
+from gqa_convert.surgery.plan import HeadPlan
 
 
-@dataclass(frozen=True)
-class HeadPlan:
-    """New kv head n is made from old kv heads groups[n] by `merge` (groups of one are copies)."""
-
-    num_heads: int
-    old_kv: int
-    groups: tuple[tuple[int, ...], ...]
-    head_dim: int
-    merge: MergeFn = merge_first
-    seed: int = 0
-    init_std: float = 0.02
-    # query_order[j] = the source query head that becomes query head j (None: unchanged)
-    query_order: tuple[int, ...] | None = field(default=None)
-
-    @property
-    def new_kv(self) -> int:
-        return len(self.groups)
-
-
-def contiguous_groups(old_kv: int, new_kv: int) -> tuple[tuple[int, ...], ...]:
-    """transformers' rule: query head j reads kv head j // (nh / nkv), so groups are contiguous."""
-    size = old_kv // new_kv
-    return tuple(tuple(range(g * size, (g + 1) * size)) for g in range(new_kv))
-
-
-def expand_groups(old_kv: int, num_heads: int) -> tuple[tuple[int, ...], ...]:
-    """Exact MHA: query head j gets a copy of the kv head it read."""
-    return tuple((j // (num_heads // old_kv),) for j in range(num_heads))
-
-
-def regroup_heads(heads: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+def regroup_heads(heads: torch.Tensor, plan: HeadPlan, name: str, kind: TensorKind) -> torch.Tensor:
     """(old_kv, *head) -> (new_kv, *head)."""
     assert heads.shape[0] == plan.old_kv, (name, heads.shape, plan.old_kv)
     new = []
@@ -54,7 +24,7 @@ def regroup_heads(heads: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> 
     return torch.stack(new)
 
 
-def _rows(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+def _rows(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: TensorKind) -> torch.Tensor:
     block = tensor.shape[0] // plan.old_kv
     heads = tensor.reshape(plan.old_kv, block, *tensor.shape[1:])
     return regroup_heads(heads, plan, name, kind).reshape(plan.new_kv * block, *tensor.shape[1:])
@@ -65,14 +35,14 @@ def _permute_query_rows(queries: torch.Tensor, plan: HeadPlan) -> torch.Tensor:
     return queries if plan.query_order is None else queries[list(plan.query_order)]
 
 
-def _fused_concat(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+def _fused_concat(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: TensorKind) -> torch.Tensor:
     hd, rest = plan.head_dim, tensor.shape[1:]
     q, k, v = tensor.split([plan.num_heads * hd, plan.old_kv * hd, plan.old_kv * hd])
     q = _permute_query_rows(q.reshape(plan.num_heads, hd, *rest), plan).reshape(-1, *rest)
     return torch.cat([q, _rows(k, plan, name + ":k", kind), _rows(v, plan, name + ":v", kind)])
 
 
-def _fused_grouped(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -> torch.Tensor:
+def _fused_grouped(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: TensorKind) -> torch.Tensor:
     hd, rest = plan.head_dim, tensor.shape[1:]
     per_group = plan.num_heads // plan.old_kv
     grouped = tensor.reshape(plan.old_kv, per_group + 2, hd, *rest)
@@ -83,7 +53,7 @@ def _fused_grouped(tensor: torch.Tensor, plan: HeadPlan, name: str, kind: str) -
     return torch.cat([queries, k.unsqueeze(1), v.unsqueeze(1)], dim=1).reshape(-1, *rest)
 
 
-_LAYOUTS = {ROWS: _rows, FUSED_CONCAT: _fused_concat, FUSED_GROUPED: _fused_grouped}
+_LAYOUTS = {Layout.ROWS: _rows, Layout.FUSED_CONCAT: _fused_concat, Layout.FUSED_GROUPED: _fused_grouped}
 
 
 def regroup_tensor(entry: KvTensor, tensor: torch.Tensor, plan: HeadPlan, name: str) -> torch.Tensor:
@@ -91,18 +61,18 @@ def regroup_tensor(entry: KvTensor, tensor: torch.Tensor, plan: HeadPlan, name: 
     return _LAYOUTS[entry.layout](tensor, plan, name, entry.kind)
 
 
-def regroup_per_head(
-    entry: KvTensor, tensors: Sequence[torch.Tensor], plan: HeadPlan, name: str
-) -> list[torch.Tensor]:
+def regroup_per_head(entry: KvTensor, tensors: Sequence[torch.Tensor], plan: HeadPlan, name: str) -> list[torch.Tensor]:
     """One tensor per kv head (PER_HEAD): a list of old_kv tensors in, new_kv tensors out."""
-    assert entry.layout == PER_HEAD
+    assert entry.layout == Layout.PER_HEAD
     return list(regroup_heads(torch.stack(list(tensors)), plan, name, entry.kind).unbind(0))
 
 
-def permute_query_tensor(tensor: torch.Tensor, dim: int, plan: HeadPlan) -> torch.Tensor:
+def permute_query_tensor(
+    tensor: torch.Tensor, dim: int, num_heads: int, query_order: Sequence[int] | None
+) -> torch.Tensor:
     """q rows (dim 0) or o_proj input columns (dim 1) reordered by query head; exact."""
-    if plan.query_order is None:
+    if query_order is None:
         return tensor
     moved = tensor.movedim(dim, 0)
-    heads = moved.reshape(plan.num_heads, -1, *moved.shape[1:])[list(plan.query_order)]
+    heads = moved.reshape(num_heads, -1, *moved.shape[1:])[list(query_order)]
     return heads.reshape(moved.shape).movedim(0, dim).contiguous()

@@ -1,50 +1,43 @@
-"""Token budgets: parse counts like 50M or 2B, look up published pre-training budgets, and turn a
+"""Token budgets: look up published pre-training budgets, and turn a
 budget into optimizer steps. Every position of a packed block counts as a trained token."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from gqa_convert.errors import GQAConvertError
-
-_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+from gqa_convert.io.provenance import read_record
+from gqa_convert.units import parse_tokens
 
 # Published pre-training tokens (model cards and papers). Keys match a lower-case model name.
 KNOWN_PRETRAINING_TOKENS = {
     "smollm2-135m": 2 * 10**12,
-    "llama-7b": 10**12, "llama-13b": 10**12, "llama-30b": 14 * 10**11, "llama-33b": 14 * 10**11,
+    "llama-7b": 10**12,
+    "llama-13b": 10**12,
+    "llama-30b": 14 * 10**11,
+    "llama-33b": 14 * 10**11,
     "llama-65b": 14 * 10**11,
-    "llama-2-7b": 2 * 10**12, "llama-2-13b": 2 * 10**12, "llama-2-70b": 2 * 10**12,
-    "olmo-1b": 3 * 10**12, "olmo-7b": 246 * 10**10,
+    "llama-2-7b": 2 * 10**12,
+    "llama-2-13b": 2 * 10**12,
+    "llama-2-70b": 2 * 10**12,
+    "olmo-1b": 3 * 10**12,
+    "olmo-7b": 246 * 10**10,
     "phi-2": 14 * 10**11,
     "pythia": 300 * 10**9,
     "stablelm-3b-4e1t": 4 * 10**12,
     "gemma-7b": 6 * 10**12,
     "qwen-7b": 24 * 10**11,
-}  # fmt: skip
-
-
-def parse_tokens(text: str | int) -> int:
-    """'50M', '2B', '1.5T', '300000' -> an integer count."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(text).upper())
-    if not match:
-        raise GQAConvertError(f"token count '{text}' is not understood: write e.g. 50M, 2B or 300000")
-    return int(float(match.group(1)) * _SUFFIXES[match.group(2)])
+}
 
 
 def known_pretraining_tokens(model_folder: Path) -> tuple[int, str] | None:
     """The published budget of the model this folder was converted from, if the table knows it."""
     names = [model_folder.resolve().name]
-    provenance = model_folder / "gqa_convert.json"
-    if provenance.exists():
-        try:
-            names.insert(0, Path(str(json.loads(provenance.read_text()).get("source", ""))).name)
-        except json.JSONDecodeError:
-            pass
+    record = read_record(model_folder)
+    if record is not None:
+        names.insert(0, Path(str(record.get("source", ""))).name)
     for name in names:
         normalized = name.lower().replace("_", "-")
         for key in sorted(KNOWN_PRETRAINING_TOKENS, key=len, reverse=True):
@@ -66,8 +59,9 @@ class Budget:
         return self.steps * self.global_batch_tokens
 
 
-def resolve_budget(model_folder: Path, tokens: str | None, fraction: float, original_tokens: str | None,
-                   global_batch_tokens: int) -> Budget:  # fmt: skip
+def resolve_budget(
+    model_folder: Path, tokens: str | None, fraction: float, original_tokens: str | None, global_batch_tokens: int
+) -> Budget:
     if tokens is not None:
         requested, origin = parse_tokens(tokens), f"--tokens {tokens}"
     else:

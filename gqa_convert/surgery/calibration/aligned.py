@@ -19,6 +19,7 @@ same way (any pairing commutes with the identity).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,13 @@ def _restrict(moment: torch.Tensor, keep_bias: bool) -> torch.Tensor:
     return moment if keep_bias else moment[:-1, :-1]
 
 
-def merge_values(attention: Attention, moment: torch.Tensor, groups, readers) -> tuple[torch.Tensor, torch.Tensor]:
+Groups = Sequence[Sequence[int]]
+Readers = dict[int, list[int]]  # source kv head -> the query heads that read it
+
+
+def merge_values(
+    attention: Attention, moment: torch.Tensor, groups: Groups, readers: Readers
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New V heads (G, hd, d) and new o_proj blocks (d_out, nh, hd)."""
     hd = attention.v.shape[1]
     width = attention.v.shape[2] if attention.v_bias else attention.v.shape[2] - 1
@@ -82,8 +89,9 @@ def rotary_pairs(head_dim: int, rotary_dim: int) -> list[tuple[int, int]]:
     return rotary + [(rotary_dim + j, rotary_dim + j + rest // 2) for j in range(rest // 2)]
 
 
-def merge_keys(attention: Attention, moment: torch.Tensor, groups, readers,
-               rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def merge_keys(
+    attention: Attention, moment: torch.Tensor, groups: Groups, readers: Readers, rotary_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New K heads (G, hd, d) and new query heads (nh, hd, d)."""
     hd = attention.k.shape[1]
     keep_bias = attention.k_bias
@@ -100,8 +108,9 @@ def merge_keys(attention: Attention, moment: torch.Tensor, groups, readers,
             energy = []
             for k in group:
                 q = attention.q[readers[k], :, :q_width]
-                energy.append((torch.einsum("ni,ij,nj->", q[:, i], s_q, q[:, i]) +
-                               torch.einsum("ni,ij,nj->", q[:, j], s_q, q[:, j])).clamp_min(0).sqrt())  # fmt: skip
+                pair_energy = torch.einsum("ni,ij,nj->", q[:, i], s_q, q[:, i])
+                pair_energy = pair_energy + torch.einsum("ni,ij,nj->", q[:, j], s_q, q[:, j])
+                energy.append(pair_energy.clamp_min(0).sqrt())
             weights = torch.stack(energy).to(torch.complex128) + 1e-30
             s_c = s.to(torch.complex128)
             gram = weights[:, None] * (keys.conj() @ s_c @ keys.T) * weights[None, :]
@@ -120,3 +129,22 @@ def merge_keys(attention: Attention, moment: torch.Tensor, groups, readers,
                 new_q[readers[k], i] = a * qi + b * qj
                 new_q[readers[k], j] = a * qj - b * qi
     return new_k, new_q
+
+
+def aligned_merge(
+    attention: Attention, moment: torch.Tensor, groups: Groups, readers: Readers, rotary_dim: int, key_norm: bool
+) -> Attention:
+    """The whole layer: V merged and absorbed into o_proj, K merged and absorbed into the queries.
+    With a norm applied to K after the projection (key_norm) no change of K commutes with it: K is
+    mean-pooled and the queries stay as they are."""
+    new_v, new_o = merge_values(attention, moment, groups, readers)
+    if key_norm:
+        new_k = torch.stack([attention.k[list(group)].mean(0) for group in groups])
+        new_q = attention.q
+    else:
+        new_k, new_q = merge_keys(attention, moment, groups, readers, rotary_dim)
+    return Attention(new_q, new_k, new_v, new_o, attention.q_bias, attention.k_bias, attention.v_bias)
+
+
+# (attention, second moment, groups, readers, rotary dim, key norm) -> the merged attention
+LayerMergeFn = Callable[[Attention, torch.Tensor, Groups, Readers, int, bool], Attention]

@@ -1,0 +1,123 @@
+"""Documents from local .txt/.jsonl/.json/.parquet files, folders of them, or a Hub dataset id, and
+text tokenized as one string (for perplexity and calibration)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gqa_convert.errors import GQAConvertError
+
+LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(data: Path) -> list[Path]:
+    """The data files of a file or folder (one type per folder)."""
+    if data.is_file():
+        if data.suffix not in LOADERS:
+            raise GQAConvertError(f"{data}: unsupported data file type; use {', '.join(LOADERS)}")
+        return [data]
+    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in LOADERS)
+    if not files:
+        raise GQAConvertError(f"{data} holds no {', '.join(LOADERS)} files")
+    kinds = {LOADERS[p.suffix] for p in files}
+    if len(kinds) > 1:
+        raise GQAConvertError(f"{data} mixes file types ({', '.join(sorted(kinds))}): keep one type per folder")
+    return files
+
+
+def check_data(data: str | Path) -> None:
+    """A local path must exist; anything else is taken for a Hub dataset id."""
+    path = Path(data)
+    if not path.exists() and (os.sep in str(data) or str(data).startswith(".") or path.suffix in LOADERS):
+        raise GQAConvertError(f"data not found: {data}")
+    if path.exists():
+        local_files(path)
+
+
+def iter_documents(
+    data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train"
+) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces. A .txt file is one document, read in pieces of whole lines so a
+    large file never sits in memory; a row of a table is one document."""
+    path = Path(data)
+    if path.exists():
+        for file in local_files(path):
+            if file.suffix == ".txt":
+                yield from _text_pieces(file)
+                continue
+            yield from ((text, True) for text in _column(_load_local(file), text_column, file))
+        return
+    if os.sep in str(data) or str(data).startswith("."):
+        raise GQAConvertError(f"data not found: {data}")
+    yield from ((text, True) for text in _column(_load_hub(str(data), data_config, split), text_column, data))
+
+
+def _text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
+    with open(file, encoding="utf-8", errors="replace") as handle:
+        piece = handle.read(piece_chars)
+        while piece:
+            piece += handle.readline()  # end on a line break: no word is cut between pieces
+            following = handle.read(piece_chars)
+            yield piece, not following
+            piece = following
+
+
+def _load_local(file: Path) -> Any:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(LOADERS[file.suffix], data_files=str(file), split="train", streaming=True)
+    except Exception as error:  # datasets raises many types for unreadable files
+        raise GQAConvertError(f"{file} could not be read as {LOADERS[file.suffix]}: {error}") from None
+
+
+def _load_hub(name: str, data_config: str | None, split: str) -> Any:
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise GQAConvertError(f"data '{name}' is not a local path and the Hub is offline: pass a local file")
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, data_config, split=split, streaming=True)
+    except Exception as error:  # network and not-found errors have many types
+        raise GQAConvertError(
+            f"could not open dataset '{name}' ({type(error).__name__}): check the id "
+            "and your network, or pass a local file"
+        ) from None
+
+
+def _column(rows: Any, text_column: str, where: object) -> Iterator[str]:
+    for row in rows:
+        if text_column not in row:
+            raise GQAConvertError(
+                f"{where} has no column '{text_column}' (columns: {', '.join(row)}): pass --text-column"
+            )
+        value = row[text_column]
+        if value:
+            yield str(value)
+
+
+def read_text(data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train") -> str:
+    """All documents as one string (for perplexity): a .txt file exactly as it is."""
+    parts = []
+    for text, ends_document in iter_documents(data, text_column, data_config, split):
+        parts.append(text + ("\n\n" if ends_document else ""))
+    text = "".join(parts).removesuffix("\n\n")
+    if not text.strip():
+        raise GQAConvertError(f"{data} holds no text")
+    return text
+
+
+def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None):  # -> torch.Tensor
+    """The text as one sequence of ids (no special tokens), at most max_tokens."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise GQAConvertError("the evaluation text has fewer than 2 tokens: give more text")
+    return torch.tensor(ids, dtype=torch.long)

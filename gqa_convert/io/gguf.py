@@ -1,0 +1,77 @@
+"""GGUF files (llama.cpp's format), read through transformers and the gguf package: the one place
+that opens them, so every command gives the same errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gqa_convert.errors import GQAConvertError
+
+
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix == ".gguf" and Path(path).is_file()
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise GQAConvertError("GGUF input needs the gguf package: pip install gguf") from None
+
+
+def gguf_config(path: Path) -> Any:
+    """The transformers config transformers derives from the GGUF metadata."""
+    _require_gguf()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as error:  # transformers raises several types for unreadable GGUF metadata
+        raise GQAConvertError(f"{path} could not be read as GGUF: {error}") from None
+
+
+def load_gguf_model(path: Path, config: Any = None, dtype: torch.dtype = torch.float32) -> Any:
+    """The whole model, dequantized into memory (GGUF files hold small, quantized models)."""
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    config = config if config is not None else gguf_config(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path.parent,
+            gguf_file=path.name,
+            config=config,
+            quantization_config=GgufConfig(dequantize=True),
+            dtype=dtype,
+        )
+    except Exception as error:  # transformers raises several types for unsupported tensors
+        raise GQAConvertError(f"{path} could not be loaded as a model: {error}") from None
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    _require_gguf()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as error:  # transformers raises several types for unsupported tokenizers
+        raise GQAConvertError(f"the tokenizer of {path} could not be read: {error}") from None
+
+
+def gguf_tensor_summary(path: Path) -> tuple[int, str]:
+    """Parameter count and main tensor type, from the tensor headers (memory-mapped, nothing decoded)."""
+    _require_gguf()
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as error:  # gguf raises several types for unreadable files
+        raise GQAConvertError(f"{path} could not be read as GGUF: {error}") from None
+    parameters = sum(int(tensor.n_elements) for tensor in reader.tensors)
+    by_elements: dict[str, int] = {}
+    for tensor in reader.tensors:
+        by_elements[tensor.tensor_type.name] = by_elements.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
+    main_type = max(by_elements, key=by_elements.__getitem__) if by_elements else "unknown"
+    return parameters, f"gguf {main_type}"

@@ -1,0 +1,244 @@
+"""Opening a source model lazily: a Hugging Face folder (safetensors or, when allowed, .bin), a GGUF
+file, or a Hub id resolved into the local cache. Tensors are read one at a time; nothing here runs
+model code (trust_remote_code is never set)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from gqa_convert.arch import Architecture, architecture_for, kv_heads_of
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.gguf import gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
+from gqa_convert.io.safetensors_format import TensorInfo, copy_range, read_safetensors_header
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_INDEXES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+@dataclass
+class Checkpoint:
+    """A source model: its config, its tensors' headers, and a way to read each tensor."""
+
+    source: str  # what the user named
+    config: Any  # transformers PretrainedConfig (class defaults resolved)
+    config_dict: dict[str, Any]  # config.json as written, to rewrite faithfully
+    architecture: Architecture
+    tensors: dict[str, TensorInfo]  # in storage order
+    folder: Path | None = None  # where non-weight files (tokenizer...) come from
+    gguf_file: str | None = None
+    _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # in-memory sources
+    _open: tuple[str, Any] | None = field(default=None, repr=False)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._loaded:
+            return self._loaded[name]
+        info = self.tensors[name]
+        if info.file.endswith(".bin"):
+            return self._bin_shard(info.file)[name]
+        if self._open is None or self._open[0] != info.file:
+            self._open = (info.file, safe_open(info.file, framework="pt"))
+        return self._open[1].get_tensor(name)
+
+    def copy_raw(self, name: str, out: BinaryIO) -> bool:
+        """Copy a safetensors tensor's bytes without decoding them. False where not possible."""
+        info = self.tensors[name]
+        if not info.file.endswith(".safetensors"):
+            return False
+        with open(info.file, "rb") as src:
+            copy_range(src, out, info.begin, info.end - info.begin)
+        return True
+
+    def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
+        if self._open is None or self._open[0] != file:
+            self._open = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        return self._open[1]
+
+    def kv_heads(self) -> int:
+        return kv_heads_of(self.config, self.architecture)
+
+    def tokenizer(self) -> Any:
+        """The source's tokenizer (from the folder or the GGUF metadata)."""
+        if self.gguf_file is not None:
+            return gguf_tokenizer(Path(self.gguf_file))
+        return load_tokenizer(self.folder)
+
+    def layer_tensors(self) -> Iterator[tuple[str, int | None, str]]:
+        """(name, layer index or None, suffix within the layer) for every tensor, in storage order."""
+        pattern = re.compile(re.escape(self.architecture.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
+        for name in self.tensors:
+            match = pattern.match(name)
+            if match:
+                yield name, int(match.group(1)), name[match.end() :]
+            else:
+                yield name, None, name
+
+
+def open_checkpoint(source: str | Path, revision: str | None = None, allow_pickle: bool = False) -> Checkpoint:
+    """Open SRC: a folder, a .gguf file, or a Hub id (downloaded into the local cache)."""
+    path = Path(source)
+    if is_gguf(path):
+        return _open_gguf(path)
+    if path.is_file():
+        raise GQAConvertError(f"{path} is a file: give the model's folder (with config.json) or a .gguf file")
+    if not path.exists():
+        if _HUB_ID.match(str(source)) and not str(source).startswith((".", "/")):
+            path = _download(str(source), revision)
+        else:
+            raise GQAConvertError(f"source not found: {source}")
+    elif revision is not None:
+        warnings.warn("--revision is ignored for a local folder", stacklevel=2)
+    return _open_folder(path, str(source), allow_pickle)
+
+
+def read_config(folder: Path) -> tuple[dict[str, Any], Any, Architecture]:
+    """config.json as written, the transformers config, and the architecture row."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise GQAConvertError(f"{folder} has no config.json: give a Hugging Face model folder")
+    try:
+        config_dict = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise GQAConvertError(f"{config_path} is not valid JSON ({error.msg}, line {error.lineno}); fix it") from None
+    if not isinstance(config_dict, dict):
+        raise GQAConvertError(f"{config_path} is not a JSON object; fix it")
+    arch = architecture_for(config_dict)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError, OSError) as error:
+        raise GQAConvertError(f"{config_path} is not a valid {arch.model_type} config: {error}") from None
+    return config_dict, config, arch
+
+
+def check_model_folder(folder: Path) -> Any:
+    """A transformers folder of a supported architecture with safetensors weights (for training and
+    eval). Returns its config (class defaults resolved)."""
+    if not folder.is_dir():
+        raise GQAConvertError(f"model not found: {folder} (give a folder written by gqa-convert or transformers)")
+    _, config, _ = read_config(folder)
+    _weight_files(folder, allow_pickle=False)
+    return config
+
+
+def model_config(source: str | Path) -> Any:
+    """The transformers config of a model folder or a .gguf file (checked like check_model_folder)."""
+    path = Path(source)
+    return gguf_config(path) if is_gguf(path) else check_model_folder(path)
+
+
+def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A whole model from a transformers folder or a .gguf file (dequantized)."""
+    path = Path(source)
+    if is_gguf(path):
+        return load_gguf_model(path, dtype=dtype)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def load_tokenizer(source: str | Path | None) -> Any:
+    """The tokenizer saved with a model folder (or a .gguf file's), or an error naming the fix."""
+    path = Path(str(source))
+    if is_gguf(path):
+        return gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise GQAConvertError(f"{path} has no usable tokenizer ({error}): save one with the model") from None
+
+
+def _open_folder(folder: Path, source: str, allow_pickle: bool) -> Checkpoint:
+    config_dict, config, arch = read_config(folder)
+    tensors: dict[str, TensorInfo] = {}
+    for file in _weight_files(folder, allow_pickle):
+        infos = read_safetensors_header(file) if file.suffix == ".safetensors" else _bin_infos(file)
+        for info in infos:
+            tensors[info.name] = info
+    return Checkpoint(source, config, config_dict, arch, tensors, folder=folder)
+
+
+def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    for index_name, single in _INDEXES:
+        if single.endswith(".bin") and not allow_pickle:
+            if (folder / index_name).exists() or (folder / single).exists():
+                raise GQAConvertError(
+                    f"{folder} has only pickle (.bin) weights, which can run code when loaded: "
+                    "pass --allow-pickle if you trust them (they are read with weights_only=True)"
+                )
+            continue
+        if (folder / index_name).exists():
+            return _indexed_files(folder, index_name)
+        if (folder / single).exists():
+            return [folder / single]
+    ggufs = sorted(folder.glob("*.gguf"))
+    hint = f"; to convert the GGUF, pass the file: {ggufs[0]}" if ggufs else ""
+    raise GQAConvertError(f"{folder} has no model.safetensors (or sharded index){hint}")
+
+
+def _indexed_files(folder: Path, index_name: str) -> list[Path]:
+    try:
+        weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise GQAConvertError(f"{folder / index_name} is corrupt (no weight_map); re-download it") from None
+    files = [folder / name for name in dict.fromkeys(weight_map.values())]
+    missing = [file.name for file in files if not file.exists()]
+    if missing:
+        raise GQAConvertError(f"{folder} is missing shards listed in {index_name}: {', '.join(missing)}")
+    return files
+
+
+def _bin_infos(file: Path) -> list[TensorInfo]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for corrupt pickles
+        raise GQAConvertError(f"{file} could not be read as a weights-only checkpoint: {error}") from None
+    return [TensorInfo(name, tuple(t.shape), t.dtype, str(file)) for name, t in state.items()]
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise GQAConvertError(f"'{repo_id}' is not a local path and HF_HUB_OFFLINE is set: download it first")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as error:  # network, auth and not-found errors have many types
+        raise GQAConvertError(
+            f"could not fetch '{repo_id}' from the Hugging Face Hub ({type(error).__name__}); "
+            "check the id and your network, or pass a local folder"
+        ) from None
+
+
+def _open_gguf(path: Path) -> Checkpoint:
+    """GGUF is dequantized by transformers into memory (GGUF files hold small, quantized models)."""
+    config = gguf_config(path)
+    config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+    arch = architecture_for(config_dict)
+    model = load_gguf_model(path, config)
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied lm_head: saved once, as transformers does
+            continue
+        seen.add(tensor.data_ptr())
+        state[name] = tensor.detach()
+    infos = {name: TensorInfo(name, tuple(t.shape), t.dtype, "") for name, t in state.items()}
+    return Checkpoint(str(path), config, config_dict, arch, infos, folder=None, gguf_file=str(path), _loaded=state)

@@ -1,0 +1,49 @@
+"""Similarity grouping: which kv heads merge well, measured after alignment, and equal-size groups
+chosen greedily from it."""
+
+from __future__ import annotations
+
+import torch
+
+from gqa_convert.surgery.calibration.aligned import Attention, cholesky, rotary_pairs
+
+
+def head_similarity(attention: Attention, moment: torch.Tensor, rotary: int) -> torch.Tensor:
+    """(nkv, nkv) in [0, 1]: how well two kv heads share one head, after alignment. V: mean squared
+    cosine of the principal angles between their whitened value subspaces. K: per frequency, the
+    squared correlation of their complex keys (a complex scale aligns them), averaged."""
+    nkv, hd, _ = attention.v.shape
+    lower = cholesky(moment)
+    bases = [torch.linalg.qr((attention.v[k] @ lower).T).Q for k in range(nkv)]  # (width, hd)
+    value = torch.stack(
+        [torch.stack([(bases[a].T @ bases[b]).pow(2).sum() / hd for b in range(nkv)]) for a in range(nkv)]
+    )
+    key = torch.zeros(nkv, nkv, dtype=torch.float64)
+    pairs = rotary_pairs(hd, rotary)
+    s = moment.to(torch.complex128)
+    for i, j in pairs:
+        keys = torch.complex(attention.k[:, i], attention.k[:, j])  # (nkv, width)
+        cross = keys.conj() @ s @ keys.T
+        energy = cross.diagonal().real.clamp_min(1e-300)
+        key += cross.abs().pow(2) / (energy[:, None] * energy[None, :])
+    return (value + key / len(pairs)) / 2
+
+
+def similar_groups(similarity: torch.Tensor, kv_heads: int) -> tuple[tuple[int, ...], ...]:
+    """Equal-size groups, greedy: the lowest free head takes the free heads most similar to it."""
+    size = len(similarity) // kv_heads
+    free = list(range(len(similarity)))
+    groups = []
+    while free:
+        seed = free.pop(0)
+        ranked = sorted(free, key=lambda other: (-float(similarity[seed, other]), other))
+        members = sorted([seed, *ranked[: size - 1]])
+        free = [head for head in free if head not in members]
+        groups.append(tuple(members))
+    return tuple(groups)
+
+
+def groups_by_similarity(
+    attention: Attention, moment: torch.Tensor, rotary: int, kv_heads: int
+) -> tuple[tuple[int, ...], ...]:
+    return similar_groups(head_similarity(attention, moment, rotary), kv_heads)

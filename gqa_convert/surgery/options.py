@@ -1,0 +1,95 @@
+"""What a conversion is asked to do, validated where it is built: the CLI and Python callers get the
+same checks, before any work starts."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.surgery.groupings import GROUPINGS, Grouping
+from gqa_convert.surgery.methods import METHODS, Method
+from gqa_convert.units import DTYPE_NAMES, parse_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Calibration text for the calibrated methods and groupings, and the refinement of aligned."""
+
+    data: str
+    tokens: int = 16384
+    seq_len: int = 512
+    text_column: str = "text"
+    refine_steps: int = 0  # Adam steps per layer fitting the merged attention to the original
+    refine_lr: float = 3e-4
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.seq_len < 2:
+            raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
+        if self.refine_steps < 0 or self.refine_lr <= 0:
+            raise GQAConvertError("--refine-steps must be at least 0 and --refine-lr positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConversionOptions:
+    """How any conversion reads its source and writes its output."""
+
+    dtype: str = "auto"  # output dtype of floating tensors (units.DTYPE_NAMES)
+    max_shard_size: str = "5GB"
+    force: bool = False  # replace a non-empty output folder
+    revision: str | None = None  # Hub revision
+    allow_pickle: bool = False  # read .bin (pickle) weights
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise GQAConvertError(f"unknown dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_NAMES)}")
+        parse_size(self.max_shard_size)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpandOptions(ConversionOptions):
+    """expand: exact GQA/MQA -> MHA."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolOptions(ConversionOptions):
+    """pool: merge the kv heads into kv_heads groups."""
+
+    kv_heads: int
+    method: str = "mean"
+    grouping: str = "contiguous"
+    seed: int = 0  # for method random
+    calibration: Calibration | None = None  # needed by calibrated methods and groupings
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise GQAConvertError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.grouping not in GROUPINGS:
+            raise GQAConvertError(f"unknown grouping '{self.grouping}'; choose one of: {', '.join(GROUPINGS)}")
+        if self.calibrated and self.calibration is None:
+            raise GQAConvertError(
+                f"--method {self.method} --grouping {self.grouping} needs calibration text: pass --calib-data FILE"
+            )
+        if self.calibration is not None and self.calibration.refine_steps and not self.merge_method.needs_calibration:
+            raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned")
+        if not self.calibrated and self.calibration is not None:
+            warnings.warn(
+                "--calib-data is ignored: mean/first/random with contiguous grouping use no calibration", stacklevel=3
+            )
+
+    @property
+    def merge_method(self) -> Method:
+        return METHODS[self.method]
+
+    @property
+    def head_grouping(self) -> Grouping:
+        return GROUPINGS[self.grouping]
+
+    @property
+    def calibrated(self) -> bool:
+        return self.merge_method.needs_calibration or self.head_grouping.needs_calibration

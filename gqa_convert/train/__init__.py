@@ -1,0 +1,2 @@
+"""Uptraining: settings and budget, data preparation, the Accelerate worker loop, checkpoints, export
+and launch."""
