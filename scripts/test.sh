@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Run the test suite from a fresh clone: makes or reuses .venv, installs everything, runs pytest.
-# Extra arguments go to pytest (e.g. bash scripts/test.sh -k llama).
+# Run the test suite from a fresh clone: makes or reuses .venv, installs everything, checks format and
+# lint (ruff), runs pytest. Extra arguments go to pytest (e.g. bash scripts/test.sh -k llama).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
+echo "ruff: format and lint"
+ruff format --check --quiet gqa_convert tests scripts
+ruff check --quiet gqa_convert tests scripts
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python -m pytest -q "$@"
