@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import build_tiny, load
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
-from gqa_convert.convert import pool
-from gqa_convert.report import inspect_checkpoint
-from tiny_models import build_tiny, load
+from gqa_convert.inspection import InspectOptions, inspect_checkpoint
+from gqa_convert.surgery.convert import pool
+from gqa_convert.surgery.options import PoolOptions
 
 runner = CliRunner()
 
@@ -25,7 +26,7 @@ def k_heads(model, layer=0):
 
 def test_first_keeps_each_groups_first_head(tmp_path):
     model = build_tiny(tmp_path / "src", "llama")
-    pool(tmp_path / "src", tmp_path / "out", kv_heads=1, method="first")
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, method="first"))
     pooled = load(tmp_path / "out")
     torch.testing.assert_close(k_heads(pooled), k_heads(model)[:1], atol=0, rtol=0)
     bias = pooled.model.layers[0].self_attn.v_proj.bias
@@ -35,7 +36,7 @@ def test_first_keeps_each_groups_first_head(tmp_path):
 def test_random_is_seeded_fresh_and_scaled_like_init(tmp_path):
     model = build_tiny(tmp_path / "src", "llama", num_attention_heads=8, num_key_value_heads=8, hidden_size=256)
     for seed, name in ((0, "a"), (0, "b"), (1, "c")):
-        pool(tmp_path / "src", tmp_path / name, kv_heads=2, method="random", seed=seed)
+        pool(tmp_path / "src", tmp_path / name, PoolOptions(kv_heads=2, method="random", seed=seed))
     a, b, c = (k_heads(load(tmp_path / n)) for n in "abc")
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert not torch.equal(a, c)
@@ -46,7 +47,7 @@ def test_random_is_seeded_fresh_and_scaled_like_init(tmp_path):
 
 def test_dtype_casts_floating_tensors_and_config(tmp_path):
     build_tiny(tmp_path / "src", "qwen2")
-    pool(tmp_path / "src", tmp_path / "out", kv_heads=1, dtype="bfloat16")
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, dtype="bfloat16"))
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -56,7 +57,7 @@ def test_dtype_casts_floating_tensors_and_config(tmp_path):
 def test_provenance_and_model_card(tmp_path):
     build_tiny(tmp_path / "src", "mistral")
     (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
-    pool(tmp_path / "src", tmp_path / "out", kv_heads=1)
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1))
     record = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
     assert record["tool"] == "gqa-convert" and record["method"] == "mean" and record["groups"] == [[0, 1]]
     assert record["kv_heads_before"] == 2 and record["kv_heads_after"] == 1 and record["version"]
@@ -70,13 +71,13 @@ def test_provenance_and_model_card(tmp_path):
 def test_explicit_kv_attribute_where_the_class_default_differs(tmp_path):
     """Olmo's class falls back to nh when the attribute is absent; the output must say 1 explicitly."""
     build_tiny(tmp_path / "src", "olmo")
-    pool(tmp_path / "src", tmp_path / "out", kv_heads=1)
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_key_value_heads"] == 1
 
 
 def test_inspect_kv_table_matches_the_formula(tmp_path):
     build_tiny(tmp_path / "src", "gemma", num_key_value_heads=4)  # MHA, head_dim 32 != hidden / heads
-    report = inspect_checkpoint(tmp_path / "src", seq_len=100, batch=3)
+    report = inspect_checkpoint(tmp_path / "src", InspectOptions(seq_len=100, batch=3))
     assert report["head_dim"] == 32 and report["num_key_value_heads"] == 4
     rows = {row["kv_heads"]: row for row in report["kv_cache"]}
     assert sorted(rows) == [1, 2, 4]
@@ -96,3 +97,30 @@ def test_inspect_cli_json_and_table(tmp_path):
     assert report["cache_dtype"] == "bfloat16" and report["kv_cache"][0]["kv_heads"] == 4
     text = runner.invoke(app, ["inspect", str(tmp_path / "src")]).stdout
     assert "<- now" in text and "(expand first)" in text
+
+
+def test_library_callers_get_the_cli_checks(tmp_path):
+    """Options validate themselves: a setting that would be ignored, or a bad value, is refused."""
+    from gqa_convert.errors import GQAConvertError
+    from gqa_convert.surgery.options import Calibration
+
+    calibration = Calibration(data=str(tmp_path / "calib.txt"), refine_steps=30)
+    with pytest.raises(GQAConvertError, match="--refine-steps"):
+        PoolOptions(kv_heads=1, method="mean", calibration=calibration)
+    with pytest.raises(GQAConvertError, match="choose auto or one of"):
+        InspectOptions(cache_dtype="bad")
+    with pytest.raises(GQAConvertError, match="unknown method 'median'"):
+        PoolOptions(kv_heads=1, method="median")
+    with pytest.raises(GQAConvertError, match="--calib-data"):
+        PoolOptions(kv_heads=1, grouping="similarity")
+    with pytest.raises(GQAConvertError, match="size 'lots'"):
+        PoolOptions(kv_heads=1, max_shard_size="lots")
+
+
+def test_cli_choices_come_from_the_registries():
+    from gqa_convert.surgery.groupings import GROUPINGS
+    from gqa_convert.surgery.methods import METHODS
+
+    text = runner.invoke(app, ["pool", "--help"], env={"COLUMNS": "300"}).stdout
+    for name in [*METHODS, *GROUPINGS]:
+        assert name in text
