@@ -162,7 +162,10 @@ def expand(
 def uptrain(
     model: str = typer.Argument(..., help="a transformers folder (e.g. the output of pool)"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: final model, metrics.jsonl, checkpoints/"),
-    data: str = typer.Option(..., help="a .txt/.jsonl/.json/.parquet file, a folder of them, or a Hub dataset id"),
+    data: str = typer.Option(
+        ...,
+        help="a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow table, a folder of them, or a Hub dataset id",
+    ),
     tokens: Optional[str] = typer.Option(None, help="token budget, e.g. 50M or 2B (overrides --fraction)"),
     fraction: float = typer.Option(0.05, help="budget as a fraction of the original pre-training tokens"),
     original_tokens: Optional[str] = typer.Option(None, help="the original pre-training tokens, e.g. 2T"),

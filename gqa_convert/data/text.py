@@ -1,5 +1,6 @@
-"""Documents from local .txt/.jsonl/.json/.parquet files, folders of them, or a Hub dataset id, and
-text tokenized as one string (for perplexity and calibration)."""
+"""Documents from local files (tables: .jsonl/.json/.parquet/.csv/.arrow; any other file is UTF-8
+text), folders of them, or a Hub dataset id, and text tokenized as one string (for perplexity and
+calibration)."""
 
 from __future__ import annotations
 
@@ -10,42 +11,69 @@ from typing import Any
 
 from gqa_convert.errors import GQAConvertError
 
-LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_CHECKED_BYTES = 1 << 16  # the head of each text file is checked for UTF-8 before any work
+
+
+def _kind(file: Path) -> str:
+    return TABLE_LOADERS.get(file.suffix.lower(), "text")
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def local_files(data: Path) -> list[Path]:
-    """The data files of a file or folder (one type per folder)."""
+    """The data files of a file or folder (hidden files skipped; one kind per folder)."""
     if data.is_file():
-        if data.suffix not in LOADERS:
-            raise GQAConvertError(f"{data}: unsupported data file type; use {', '.join(LOADERS)}")
         return [data]
-    files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix in LOADERS)
+    files = sorted(p for p in data.rglob("*") if p.is_file() and _visible(p, data))
     if not files:
-        raise GQAConvertError(f"{data} holds no {', '.join(LOADERS)} files")
-    kinds = {LOADERS[p.suffix] for p in files}
+        raise GQAConvertError(f"{data} holds no data files")
+    kinds = {_kind(p) for p in files}
     if len(kinds) > 1:
         raise GQAConvertError(f"{data} mixes file types ({', '.join(sorted(kinds))}): keep one type per folder")
     return files
 
 
+def _not_utf8(file: Path, byte: int | None = None) -> GQAConvertError:
+    where = f" (byte {byte})" if byte is not None else ""
+    return GQAConvertError(
+        f"{file} is not UTF-8 text{where}: convert it to UTF-8, or give a table ({', '.join(TABLE_LOADERS)})"
+    )
+
+
+def _check_utf8(file: Path) -> None:
+    with open(file, "rb") as handle:
+        head = handle.read(_CHECKED_BYTES)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if error.start < len(head) - 4:  # not merely a character cut at the end of the head
+            raise _not_utf8(file, error.start) from None
+
+
 def check_data(data: str | Path) -> None:
-    """A local path must exist; anything else is taken for a Hub dataset id."""
+    """A local path must exist (text files must start as UTF-8); anything else is a Hub dataset id."""
     path = Path(data)
-    if not path.exists() and (os.sep in str(data) or str(data).startswith(".") or path.suffix in LOADERS):
+    looks_local = os.sep in str(data) or str(data).startswith(".") or bool(path.suffix)
+    if not path.exists() and looks_local:
         raise GQAConvertError(f"data not found: {data}")
     if path.exists():
-        local_files(path)
+        for file in local_files(path):
+            if _kind(file) == "text":
+                _check_utf8(file)
 
 
 def iter_documents(
     data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train"
 ) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces. A .txt file is one document, read in pieces of whole lines so a
+    """(text, ends_document) pieces. A text file is one document, read in pieces of whole lines so a
     large file never sits in memory; a row of a table is one document."""
     path = Path(data)
     if path.exists():
         for file in local_files(path):
-            if file.suffix == ".txt":
+            if _kind(file) == "text":
                 yield from _text_pieces(file)
                 continue
             yield from ((text, True) for text in _column(_load_local(file), text_column, file))
@@ -56,13 +84,17 @@ def iter_documents(
 
 
 def _text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
-    with open(file, encoding="utf-8", errors="replace") as handle:
-        piece = handle.read(piece_chars)
-        while piece:
-            piece += handle.readline()  # end on a line break: no word is cut between pieces
-            following = handle.read(piece_chars)
-            yield piece, not following
-            piece = following
+    """A text file as one document, in pieces of whole lines (a large file never sits in memory)."""
+    try:
+        with open(file, encoding="utf-8") as handle:
+            piece = handle.read(piece_chars)
+            while piece:
+                piece += handle.readline()  # end on a line break: no word is cut between pieces
+                following = handle.read(piece_chars)
+                yield piece, not following
+                piece = following
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
 
 
 def _load_local(file: Path) -> Any:
@@ -70,9 +102,9 @@ def _load_local(file: Path) -> Any:
 
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(LOADERS[file.suffix], data_files=str(file), split="train", streaming=True)
+        return datasets.load_dataset(_kind(file), data_files=str(file), split="train", streaming=True)
     except Exception as error:  # datasets raises many types for unreadable files
-        raise GQAConvertError(f"{file} could not be read as {LOADERS[file.suffix]}: {error}") from None
+        raise GQAConvertError(f"{file} could not be read as {_kind(file)}: {error}") from None
 
 
 def _load_hub(name: str, data_config: str | None, split: str) -> Any:
@@ -101,7 +133,7 @@ def _column(rows: Any, text_column: str, where: object) -> Iterator[str]:
 
 
 def read_text(data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train") -> str:
-    """All documents as one string (for perplexity): a .txt file exactly as it is."""
+    """All documents as one string (for perplexity): a text file exactly as it is."""
     parts = []
     for text, ends_document in iter_documents(data, text_column, data_config, split):
         parts.append(text + ("\n\n" if ends_document else ""))
