@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.evaluate import EvalOptions
+from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
 from gqa_convert.surgery.convert import expand as run_expand
@@ -39,6 +39,7 @@ app = typer.Typer(
 Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
 Grouping = enum.Enum("Grouping", {name: name for name in GROUPINGS}, type=str)
 DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
+EvalDType = enum.Enum("EvalDType", {name: name for name in EVAL_DTYPES}, type=str)
 _METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
 _GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
@@ -223,17 +224,21 @@ def evaluate(
     max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),
     text_column: str = typer.Option("text", help="text column of table data"),
     batch_size: int = typer.Option(4, help="windows per forward"),
+    dtype: EvalDType = typer.Option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Perplexity over non-overlapping windows of the text tokenized as one string."""
-    options = EvalOptions(seq_len=seq_len, max_tokens=max_tokens, text_column=text_column, batch_size=batch_size)
+    options = EvalOptions(
+        seq_len=seq_len, max_tokens=max_tokens, text_column=text_column, batch_size=batch_size, dtype=dtype.value
+    )
     _quiet_libraries()
     result = run_evaluate(model, data, options)
     if as_json:
         typer.echo(json.dumps(result))
     else:
         typer.echo(
-            f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens (windows of {seq_len})"
+            f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens "
+            f"(windows of {seq_len}, {result['dtype']} on {result['device']})"
         )
 
 

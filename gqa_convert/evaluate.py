@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.sources import check_model_folder, load_tokenizer
+from gqa_convert.io.sources import check_model_folder, declared_dtype, load_tokenizer
 
 
 @torch.no_grad()
@@ -55,6 +55,9 @@ def perplexity_of(
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": int(count.item())}
 
 
+EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions:
     seq_len: int = 2048  # window length
@@ -62,7 +65,7 @@ class EvalOptions:
     text_column: str = "text"
     batch_size: int = 4  # windows per forward
     device: str | None = None  # default: cuda when available, else cpu
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -71,8 +74,16 @@ class EvalOptions:
             raise GQAConvertError("--batch-size must be at least 1")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise GQAConvertError("--max-tokens must be at least 2")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise GQAConvertError("--dtype must be float32, bfloat16 or float16")
+        if self.dtype not in EVAL_DTYPES:
+            raise GQAConvertError(f"--dtype must be one of: {', '.join(EVAL_DTYPES)}")
+
+
+def compute_dtype(setting: str, model_path: Path, device: str) -> torch.dtype:
+    """auto: the dtype the checkpoint declares on a GPU; float32 on a CPU, where half precision is
+    slow and less exact."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    return declared_dtype(model_path) if device.startswith("cuda") else torch.float32
 
 
 def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
@@ -86,7 +97,15 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
     text = read_text(data, options.text_column)
     ids = tokenize_text(load_tokenizer(model_path), text, options.max_tokens)
     transformers_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, options.dtype))
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = compute_dtype(options.dtype, Path(model_path), device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     result = perplexity_of(model.to(device), ids, options.seq_len, options.batch_size)
-    return {"model": str(model_path), "data": str(data), "seq_len": options.seq_len, **result}
+    return {
+        "model": str(model_path),
+        "data": str(data),
+        "seq_len": options.seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": device,
+        **result,
+    }

@@ -159,3 +159,23 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trainable, tmp_path):
     assert plan["global_batch_tokens"] == 2 * 4 * 32 and plan["steps"] == 16 and plan["tokens"] == 4096
     assert plan["processes"] == 1 and plan["measured_step_s"] > 0
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_eval_dtype_auto_and_explicit(model_dir, tmp_path):
+    from gqa_convert.evaluate import compute_dtype
+
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(half)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(half)
+    assert compute_dtype("auto", half, "cuda") == torch.bfloat16  # what the checkpoint declares, on a GPU
+    assert compute_dtype("auto", half, "cpu") == torch.float32
+    args = ["eval", str(half), "--data", str(SAMPLE), "--seq-len", "64", "--json"]
+    auto = json.loads(runner.invoke(app, args).stdout)
+    bf16 = json.loads(runner.invoke(app, [*args, "--dtype", "bfloat16"]).stdout)
+    assert auto["dtype"] == "float32" and bf16["dtype"] == "bfloat16" and auto["device"] == "cpu"
+    assert bf16["perplexity"] != auto["perplexity"]
+    assert bf16["perplexity"] == pytest.approx(auto["perplexity"], rel=0.05)
+    from gqa_convert.evaluate import EvalOptions
+
+    with pytest.raises(GQAConvertError, match="--dtype must be one of"):
+        EvalOptions(dtype="int8")

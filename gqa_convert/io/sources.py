@@ -135,6 +135,14 @@ def check_model_folder(folder: Path) -> Any:
     return config
 
 
+def declared_dtype(folder: Path) -> torch.dtype:
+    """The dtype a transformers folder's config.json declares (float32 when it declares none)."""
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
 def model_config(source: str | Path) -> Any:
     """The transformers config of a model folder or a .gguf file (checked like check_model_folder)."""
     path = Path(source)

@@ -8,19 +8,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gqa_convert import __version__
 from gqa_convert.io.provenance import new_record, read_record, write_record
-from gqa_convert.io.sources import load_tokenizer
+from gqa_convert.io.sources import declared_dtype, load_tokenizer
 from gqa_convert.train.checkpoints import read_metrics
 from gqa_convert.train.settings import TrainPlan
-
-
-def source_dtype(model_folder: Path) -> torch.dtype:
-    config = json.loads((model_folder / "config.json").read_text())
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
 
 
 def write_final_model(accelerator: Any, model: Any, plan: TrainPlan, steps: int, tokens: int) -> None:
@@ -33,7 +25,7 @@ def write_final_model(accelerator: Any, model: Any, plan: TrainPlan, steps: int,
         unwrapped.config.use_cache = True
         if getattr(unwrapped.config, "tie_word_embeddings", False):
             state_dict.pop("lm_head.weight", None)  # gathered state dicts untie it
-        dtype = source_dtype(Path(settings.model))
+        dtype = declared_dtype(Path(settings.model))
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         staging = out / ".final-tmp"
         shutil.rmtree(staging, ignore_errors=True)
