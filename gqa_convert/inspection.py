@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from gqa_convert.arch import architecture_for, head_dim_of, kv_cache_bytes_per_token, kv_heads_of, valid_kv_heads
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.gguf import gguf_config, gguf_tensor_summary, is_gguf
+from gqa_convert.io.gguf import is_gguf
+from gqa_convert.io.gguf_header import gguf_metadata
 from gqa_convert.io.sources import open_checkpoint
 from gqa_convert.units import human_bytes
 
@@ -32,13 +34,21 @@ class InspectOptions:
             raise GQAConvertError(f"--cache-dtype {self.cache_dtype}: choose auto or one of {', '.join(CACHE_DTYPES)}")
 
 
+def _gguf_summary(path: Path) -> tuple[Any, Any, int, str]:
+    """From the GGUF header: a config with the attention figures (all a GGUF file can say)."""
+    meta = gguf_metadata(path)
+    arch = architecture_for({"model_type": meta["model_type"]})
+    kv_heads = meta["num_key_value_heads"]
+    # GGUF stores falcon in its grouped layout whatever the count: the new decoder layout
+    config = SimpleNamespace(**meta, num_kv_heads=kv_heads, new_decoder_architecture=True, multi_query=False)
+    return config, arch, meta["parameters"], f"gguf {meta['main_type']}"
+
+
 def _summary(source: str | Path, options: InspectOptions) -> tuple[Any, Any, int, str]:
     """Config, architecture row, parameter count and main dtype, from headers only."""
     path = Path(source)
     if is_gguf(path):
-        config = gguf_config(path)
-        parameters, dtype = gguf_tensor_summary(path)
-        return config, architecture_for(config.to_dict()), parameters, dtype
+        return _gguf_summary(path)
     checkpoint = open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
     parameters = sum(info.nbytes // info.dtype.itemsize for info in checkpoint.tensors.values())
     by_bytes: Counter[str] = Counter()

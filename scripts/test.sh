@@ -6,8 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
+bash "$ROOT/scripts/setup_clients.sh" "$VENV"
 echo "ruff: format and lint"
 ruff format --check --quiet gqa_convert tests scripts
 ruff check --quiet gqa_convert tests scripts
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 GQA_CLIENTS="$VENV/clients"
 python -m pytest -q "$@"

@@ -102,3 +102,25 @@ def test_aligned_merge_beats_mean_pooling_on_held_out_text(tmp_path, mha_folder)
         for name in ("aligned", "mean")
     }
     assert scores["aligned"] * 10 < scores["mean"], scores
+
+
+def test_inspect_reads_the_gguf_header_only_and_agrees_with_transformers(gguf, tmp_path):
+    from gqa_convert.errors import GQAConvertError
+    from gqa_convert.inspection import inspect_checkpoint
+    from gqa_convert.io.gguf_header import gguf_metadata
+
+    report = inspect_checkpoint(gguf)
+    from transformers import AutoConfig
+
+    reference = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert (report["layers"], report["num_attention_heads"], report["num_key_value_heads"]) == (
+        reference.num_hidden_layers,
+        reference.num_attention_heads,
+        reference.num_key_value_heads,
+    )
+    assert report["head_dim"] == reference.head_dim and report["hidden_size"] == reference.hidden_size
+    assert report["dtype"] == "gguf Q4_1" and 134e6 < report["parameters"] < 135e6
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(gguf.read_bytes()[:5000])
+    with pytest.raises(GQAConvertError, match="truncated or corrupt GGUF header"):
+        gguf_metadata(truncated)

@@ -58,20 +58,3 @@ def gguf_tokenizer(path: Path) -> Any:
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as error:  # transformers raises several types for unsupported tokenizers
         raise GQAConvertError(f"the tokenizer of {path} could not be read: {error}") from None
-
-
-def gguf_tensor_summary(path: Path) -> tuple[int, str]:
-    """Parameter count and main tensor type, from the tensor headers (memory-mapped, nothing decoded)."""
-    _require_gguf()
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as error:  # gguf raises several types for unreadable files
-        raise GQAConvertError(f"{path} could not be read as GGUF: {error}") from None
-    parameters = sum(int(tensor.n_elements) for tensor in reader.tensors)
-    by_elements: dict[str, int] = {}
-    for tensor in reader.tensors:
-        by_elements[tensor.tensor_type.name] = by_elements.get(tensor.tensor_type.name, 0) + int(tensor.n_elements)
-    main_type = max(by_elements, key=by_elements.__getitem__) if by_elements else "unknown"
-    return parameters, f"gguf {main_type}"

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gqa_convert.io.portable import make_tokenizer_portable
 from gqa_convert.io.provenance import PROVENANCE_FILE
 from gqa_convert.io.sources import WEIGHT_SUFFIXES, Checkpoint
 from gqa_convert.io.writer import INDEX_NAME
@@ -34,3 +35,4 @@ def copy_side_files(checkpoint: Checkpoint, folder: Path) -> None:
 
         checkpoint.tokenizer().save_pretrained(folder)
         GenerationConfig.from_model_config(checkpoint.config).save_pretrained(folder)
+    make_tokenizer_portable(folder)

@@ -23,10 +23,11 @@ from gqa_convert.arch import head_dim_of, kv_cache_bytes_per_token, valid_kv_hea
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import check_output_folder, staged_output
+from gqa_convert.io.portable import portable_config
 from gqa_convert.io.provenance import new_record, write_model_card, write_record
 from gqa_convert.io.side_files import copy_side_files, write_config
 from gqa_convert.io.sources import Checkpoint, open_checkpoint
-from gqa_convert.io.writer import ShardedWriter
+from gqa_convert.io.writer import ShardedWriter, TensorSpec
 from gqa_convert.surgery.calibration.plans import calibrate_plans
 from gqa_convert.surgery.options import ConversionOptions, ExpandOptions, PoolOptions
 from gqa_convert.surgery.plan import HeadPlan, contiguous_groups, expand_groups
@@ -129,7 +130,7 @@ def _write_tensors(
                 ):
                     continue  # copied byte for byte by the kernel
                 writer.write(name, tensor if tensor is not None else cast(source.checkpoint.get(name), dtype))
-    return writer.finish()
+    return writer.finish(), specs
 
 
 def _convert(
@@ -139,8 +140,8 @@ def _convert(
     plan = source.plan
     with staged_output(out) as staging:
         label = f"{details['operation']} -> {out.name}"
-        files = _write_tensors(source, staging, dtype, options.max_shard_bytes, label)
-        write_config(staging, _output_config(checkpoint, plan.new_kv, dtype))
+        files, specs = _write_tensors(source, staging, dtype, options.max_shard_bytes, label)
+        write_config(staging, _output_config(checkpoint, plan.new_kv, dtype or _main_float_dtype(specs)))
         copy_side_files(checkpoint, staging)
         before = kv_cache_bytes_per_token(checkpoint.config, plan.old_kv)
         after = kv_cache_bytes_per_token(checkpoint.config, plan.new_kv)
@@ -158,7 +159,17 @@ def _groups_record(source: Source, details: dict[str, Any]) -> Any:
     return [list(g) for g in source.plan.groups]
 
 
+def _main_float_dtype(specs: list[TensorSpec]) -> torch.dtype | None:
+    """The floating dtype holding most bytes of the output (what the config should declare)."""
+    by_bytes: dict[torch.dtype, int] = {}
+    for spec in specs:
+        if spec.dtype.is_floating_point:
+            by_bytes[spec.dtype] = by_bytes.get(spec.dtype, 0) + spec.nbytes
+    return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else None
+
+
 def _output_config(checkpoint: Checkpoint, new_kv: int, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The source's config with the new kv count and the dtype written, readable by every client."""
     config_dict = dict(checkpoint.config_dict)
     write_kv_heads(config_dict, checkpoint.config, checkpoint.architecture, new_kv)
     if dtype is not None:
@@ -166,4 +177,4 @@ def _output_config(checkpoint: Checkpoint, new_kv: int, dtype: torch.dtype | Non
         config_dict["dtype"] = name
         if "torch_dtype" in config_dict:
             config_dict["torch_dtype"] = name
-    return config_dict
+    return portable_config(config_dict)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gqa_convert import __version__
+from gqa_convert.io.portable import make_tokenizer_portable, portable_config
 from gqa_convert.io.provenance import new_record, read_record, write_record
 from gqa_convert.io.sources import declared_dtype, load_tokenizer
 from gqa_convert.train.checkpoints import read_metrics
@@ -33,8 +34,9 @@ def write_final_model(accelerator: Any, model: Any, plan: TrainPlan, steps: int,
         config_path = staging / "config.json"
         saved = json.loads(config_path.read_text())
         saved["dtype"] = str(dtype).removeprefix("torch.")
-        config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+        config_path.write_text(json.dumps(portable_config(saved), indent=2, sort_keys=True) + "\n")
         load_tokenizer(settings.model).save_pretrained(staging)
+        make_tokenizer_portable(staging)
         _write_provenance(staging, plan, steps, tokens)
         for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
             stale.unlink()  # a stale single file beside new shards would break loading
