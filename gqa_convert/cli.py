@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+import typer.core
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
@@ -29,6 +30,23 @@ from gqa_convert.train.launch import uptrain as run_uptrain
 from gqa_convert.train.settings import TrainSettings
 from gqa_convert.units import DTYPE_NAMES
 
+
+def _flags_show_no_type() -> None:
+    """typer 0.29 prints a value type (<bool>) after every flag in --help, though a flag takes no
+    value; show none, as click does."""
+    option_class = getattr(typer.core, "TyperOption", None)
+    shown = getattr(option_class, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_show_no_type", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich.flags_show_no_type = True  # type: ignore[attr-defined]
+    option_class.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,

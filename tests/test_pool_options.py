@@ -124,3 +124,9 @@ def test_cli_choices_come_from_the_registries():
     text = runner.invoke(app, ["pool", "--help"], env={"COLUMNS": "300"}).stdout
     for name in [*METHODS, *GROUPINGS]:
         assert name in text
+
+
+@pytest.mark.parametrize("command", ["inspect", "pool", "expand", "uptrain", "eval"])
+def test_help_shows_flags_as_flags(command):
+    text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).stdout
+    assert "--help" in text and "<bool>" not in text
