@@ -11,12 +11,14 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 import typer.core
 
+from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
@@ -258,6 +260,23 @@ def evaluate(
             f"perplexity {result['perplexity']:.4f} over {result['tokens']:,} predicted tokens "
             f"(windows of {seq_len}, {result['dtype']} on {result['device']})"
         )
+
+
+@app.command()
+@_user_errors
+def bench(
+    models: list[str] = typer.Argument(..., help="transformers folders to compare (e.g. before and after pool)"),
+    seq_len: int = typer.Option(2048, help="tokens per sequence before decoding"),
+    batch: int = typer.Option(1, help="sequences decoded together"),
+    new_tokens: int = typer.Option(32, help="tokens decoded per sequence"),
+    dtype: EvalDType = typer.Option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Decode speed and memory side by side: KV-cache bytes held, peak memory, tokens/s."""
+    options = BenchOptions(seq_len=seq_len, batch=batch, new_tokens=new_tokens, dtype=dtype.value)
+    _quiet_libraries()
+    results = bench_models(models, options)
+    typer.echo(json.dumps([asdict(result) for result in results]) if as_json else format_bench(results))
 
 
 def _summary(result: Any) -> None:

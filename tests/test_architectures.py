@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import HEADS, KV_HEADS, TINY, build_tiny, load, logits
 
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import PoolOptions
+
+from tiny_models import HEADS, KV_HEADS, TINY, build_tiny, load, logits
 
 
 def kv_heads(model, layer: int) -> dict[str, torch.Tensor]:

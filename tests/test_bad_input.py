@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import build_tiny, load, logits
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
+
+from tiny_models import build_tiny, load, logits
 
 runner = CliRunner()
 

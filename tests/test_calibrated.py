@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from test_bad_input import fails
-from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import Calibration, PoolOptions
+
+from test_bad_input import fails
+from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)

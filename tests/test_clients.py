@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from real_model import smollm2_gguf
-from tiny_models import TINY, build_tiny, build_trainable, tiny_config
 
 from gqa_convert.io.gguf_header import read_gguf_header
 from gqa_convert.io.portable import causal_lm_architecture
 from gqa_convert.surgery.convert import pool
 from gqa_convert.surgery.options import PoolOptions
+
+from real_model import smollm2_gguf
+from tiny_models import TINY, build_tiny, build_trainable, tiny_config
 
 CLIENTS = Path(os.environ.get("GQA_CLIENTS", Path(sys.prefix) / "clients"))
 MESSAGES = [{"role": "user", "content": "What is grouped-query attention?"}]

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_bad_input import fails
-from tiny_models import build_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -17,6 +15,9 @@ from gqa_convert.cli import app
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.train.budget import known_pretraining_tokens, resolve_budget
 from gqa_convert.units import parse_tokens
+
+from test_bad_input import fails
+from tiny_models import build_trainable
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 runner = CliRunner()

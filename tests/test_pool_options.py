@@ -7,13 +7,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import build_tiny, load
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.inspection import InspectOptions, inspect_checkpoint
 from gqa_convert.surgery.convert import pool
 from gqa_convert.surgery.options import PoolOptions
+
+from tiny_models import build_tiny, load
 
 runner = CliRunner()
 

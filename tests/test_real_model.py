@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from real_model import SAMPLE_TEXT, smollm2_gguf
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from gqa_convert.data.text import tokenize_text
 from gqa_convert.evaluate import perplexity_of
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import PoolOptions
+
+from real_model import SAMPLE_TEXT, smollm2_gguf
 
 pytestmark = pytest.mark.slow
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build_trainable
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gqa_convert.train.launch import uptrain
 from gqa_convert.train.settings import TrainSettings
+
+from tiny_models import build_trainable
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 
@@ -187,10 +188,10 @@ def test_distillation_from_the_source_teacher(model_dir, tmp_path):
     )
     assert metrics(same)[0]["distill_loss"] == pytest.approx(0.0, abs=1e-6)
 
-    from tiny_models import save_tiny_tokenizer
-
     from gqa_convert.surgery.convert import pool
     from gqa_convert.surgery.options import PoolOptions
+
+    from tiny_models import save_tiny_tokenizer
 
     teacher = tmp_path / "teacher"
     model = AutoModelForCausalLM.from_pretrained(model_dir)
