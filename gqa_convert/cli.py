@@ -218,8 +218,16 @@ def uptrain(
     num_machines: int = typer.Option(1, help="machines"),
     machine_rank: int = typer.Option(0, help="this machine's rank"),
     main_process_ip: Optional[str] = typer.Option(None, help="address of machine rank 0"),
-    main_process_port: int = typer.Option(29500, help="port on machine rank 0"),
-    accelerate_config: Optional[str] = typer.Option(None, help="an Accelerate YAML (FSDP, DeepSpeed...)"),
+    main_process_port: Optional[int] = typer.Option(
+        None, help="port on machine rank 0 (default: the YAML's, or 29500)"
+    ),
+    accelerate_config: Optional[str] = typer.Option(
+        None, help="an Accelerate YAML: processes and machines, and FSDP (version 2) or DeepSpeed ZeRO-3"
+    ),
+    strategy: str = typer.Option(
+        "auto", help="auto (the YAML's sharding, else ddp), ddp, fsdp2 (sharded, CPU or GPU) or deepspeed (ZeRO-3, GPU)"
+    ),
+    timeout_minutes: float = typer.Option(60.0, help="how long processes wait for each other in a collective"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
     teacher: Optional[str] = typer.Option(
         None, help="distil from this model (folder or .gguf): the unconverted source"

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import check_model_folder, declared_dtype, load_tokenizer
+
+IGNORE_INDEX = -100  # labels that no loss counts
 
 
 @torch.no_grad()
@@ -43,11 +44,15 @@ def perplexity_of(
     count = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         inputs = torch.stack([window for window, _ in batch]).to(device)
-        weights = torch.tensor([weight for _, weight in batch], dtype=torch.float64, device=device)
-        logits = model(input_ids=inputs).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), inputs[:, 1:], reduction="none").sum(1).double()
-        nll_sum += (weights * nll).sum()
-        count += weights.sum() * (inputs.shape[1] - 1)
+        labels = inputs.clone()
+        labels[torch.tensor([weight == 0 for _, weight in batch], device=device)] = IGNORE_INDEX
+        # the model's own loss (mean over labelled positions): a training wrapper computes it without
+        # full-vocabulary logits; every rank runs every forward, as sharded models require
+        loss = model(input_ids=inputs, labels=labels).loss
+        predicted = (labels[:, 1:] != IGNORE_INDEX).sum()
+        if predicted > 0:
+            nll_sum += loss.double() * predicted
+        count += predicted
     if accelerator is not None:
         nll_sum, count = accelerator.reduce(nll_sum, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)

@@ -1,39 +1,157 @@
-"""Training checkpoints (full state through Accelerate, collective on every rank) and the metrics
-log they are kept consistent with."""
+"""Training checkpoints, the choice of the one to resume from, and the metrics log kept consistent with them.
+
+OUT/checkpoints/step-NNNNNNNN holds the strategy's state (ddp and fsdp2: torch.distributed.checkpoint,
+one .distcp file per rank and a .metadata; deepspeed: its own partitioned files), each rank's RNG state,
+trainer_state.json (step, tokens, and the settings that fix the data order and the budget) and, written
+last, COMPLETE: the size and a checksum (CRC32 of the first and last MiB) of every other file. A folder
+without COMPLETE was cut short and is ignored; one whose files no longer match COMPLETE is damaged and
+skipped with a warning, for the one before it.
+
+Saving and loading are collectives (every rank calls them); choosing runs in the launching process.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import shutil
+import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMPLETE = "COMPLETE"  # written last: a checkpoint without it was cut short and is ignored
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.train.settings import TrainPlan
+
+COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
+_PROBE = 1 << 20  # bytes checksummed at each end of a file
+
+
+@dataclass
+class TrainerState:
+    """The trainer's own resumable state: tiny, saved beside the strategy's in each checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all processes
+
+    def state_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:08d}"
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, trainer_state: dict[str, int]) -> None:
-    """Every rank must call this: save_state gathers sharded (FSDP/DeepSpeed) state."""
-    folder = checkpoint_dir(out, step)
-    if accelerator.is_main_process and folder.exists():  # left by a run killed mid-save
+def run_identity(plan: TrainPlan) -> dict[str, Any]:
+    """What a resumed run must share with its checkpoint: the data order and the budget are functions of
+    these. The world size counts only where the checkpoint cannot be resharded (DeepSpeed)."""
+    settings = plan.settings
+    return {
+        "seq_len": settings.seq_len,
+        "global_batch": plan.global_batch,
+        "data": Path(plan.tokens_file).name,
+        "steps": plan.steps,
+        "seed": settings.seed,
+        "format": "deepspeed" if plan.strategy == "deepspeed" else "dcp",
+        "world": plan.world_size,
+    }
+
+
+def save_checkpoint(strategy: Any, out: Path, state: TrainerState, plan: TrainPlan) -> Path:
+    """Collective. On any failure the partial folder is removed (best effort) and the error raised."""
+    folder = checkpoint_dir(out, state.step)
+    main = dist.get_rank() == 0
+    if main and folder.exists():  # left by a run killed mid-save, or a damaged one being replaced
         shutil.rmtree(folder)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(folder))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (folder / TRAINER_STATE).write_text(json.dumps(trainer_state))
-        (folder / COMPLETE).write_text("")
-    accelerator.wait_for_everyone()
+    dist.barrier()
+    try:
+        strategy.save_state(folder)
+        if strategy.checkpoint_format == "dcp":
+            torch.save(_rng_state(), folder / f"rng-rank{dist.get_rank()}.pt")
+        dist.barrier()
+        if main:
+            trainer_state = {**state.state_dict(), "run": run_identity(plan)}
+            (folder / TRAINER_STATE).write_text(json.dumps(trainer_state))
+            _write_manifest(folder)
+    except BaseException:
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    dist.barrier()
+    return folder
 
 
-def load_checkpoint(accelerator: Any, folder: Path) -> dict[str, int]:
-    """Restore model, optimizer and RNG (every rank) and return the trainer's own state."""
-    accelerator.load_state(str(folder))
-    return json.loads((folder / TRAINER_STATE).read_text())
+def load_checkpoint(strategy: Any, folder: Path, world: int) -> TrainerState:
+    """Restore the strategy's state (resharded by DCP onto another world size) and, when the world size
+    is the one it was saved with, each rank's RNG state."""
+    saved = json.loads((folder / TRAINER_STATE).read_text())
+    strategy.load_state(folder)
+    if strategy.checkpoint_format == "dcp" and saved["run"]["world"] == world:
+        _set_rng_state(torch.load(folder / f"rng-rank{dist.get_rank()}.pt", weights_only=False))
+    return TrainerState(step=saved["step"], tokens=saved["tokens"])
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- COMPLETE: sizes and checksums ----
+def _checksum(path: Path, size: int) -> str:
+    with open(path, "rb") as handle:
+        crc = zlib.crc32(handle.read(_PROBE))
+        if size > 2 * _PROBE:
+            handle.seek(size - _PROBE)
+            crc = zlib.crc32(handle.read(_PROBE), crc)
+        elif size > _PROBE:
+            crc = zlib.crc32(handle.read(), crc)
+    return f"{crc:08x}"
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {}
+    for path in _files(folder):
+        size = path.stat().st_size
+        files[str(path.relative_to(folder))] = {"size": size, "crc32": _checksum(path, size)}
+    (folder / COMPLETE).write_text(json.dumps({"files": files}, indent=1))
+
+
+def check_checkpoint(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files, or None when they match COMPLETE."""
+    try:
+        files = json.loads((folder / COMPLETE).read_text())["files"]
+        json.loads((folder / TRAINER_STATE).read_text())["run"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its COMPLETE or trainer_state.json is unreadable or from an older version"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size:,} bytes, {expected['size']:,} were written"
+        if _checksum(path, size) != expected["crc32"]:
+            return f"{name} does not hold the bytes that were written (checksum)"
+    return None
 
 
 def complete_checkpoints(out: Path) -> list[Path]:
@@ -43,28 +161,91 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.name.startswith("step-") and (p / COMPLETE).exists())
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    found = complete_checkpoints(out)
-    return found[-1] if found else None
+def choose_resume(plan: TrainPlan) -> Path | None:
+    """The newest intact checkpoint (damaged ones skipped with a warning), checked against this run's
+    settings; None to start from the beginning."""
+    skipped = []
+    for folder in reversed(complete_checkpoints(Path(plan.settings.out))):
+        problem = check_checkpoint(folder)
+        if problem is None:
+            check_compatible(folder, plan)
+            return folder
+        skipped.append(folder.name)
+        warnings.warn(f"checkpoint {folder.name} is damaged ({problem}): skipped", stacklevel=2)
+    if skipped:
+        warnings.warn("no intact checkpoint is left: training starts from the beginning", stacklevel=2)
+    return None
+
+
+_DESCRIBE = {
+    "seq_len": "--seq-len {}",
+    "global_batch": "a global batch of {} sequences",
+    "data": "data {}",
+    "steps": "{} steps",
+    "seed": "--seed {}",
+    "format": "a {} checkpoint",
+    "world": "{} processes",
+}
+
+
+def check_compatible(folder: Path, plan: TrainPlan) -> None:
+    """Refuse, in one line, to resume with settings that change the data order or the budget."""
+    saved = json.loads((folder / TRAINER_STATE).read_text())["run"]
+    current = run_identity(plan)
+    keys = [key for key in _DESCRIBE if key != "world" and saved.get(key) != current[key]]
+    if saved.get("format") == "deepspeed" == current["format"] and saved.get("world") != current["world"]:
+        keys.append("world")  # DeepSpeed's partitioned files are not resharded
+    if keys:
+        before = ", ".join(_DESCRIBE[key].format(saved.get(key)) for key in keys)
+        now = ", ".join(_DESCRIBE[key].format(current[key]) for key in keys)
+        raise GQAConvertError(
+            f"--resume: {folder.name} was trained with {before}; this run has {now}. Resume with the "
+            "checkpoint's settings (same --seq-len, --micro-batch-size x --grad-accum x processes, data, "
+            "token budget and --seed), or start afresh with --force"
+        )
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
-    for folder in complete_checkpoints(out)[:-keep]:
+    """Keep the newest `keep` complete checkpoints; drop older ones and older folders cut short."""
+    complete = complete_checkpoints(out)
+    for folder in complete[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
+    if complete:
+        for folder in (out / "checkpoints").iterdir():
+            if folder.name.startswith("step-") and folder.name < complete[-1].name and folder not in complete:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---- metrics.jsonl ----
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """One record per line; a line cut short by a crash is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [record for line in path.read_text().splitlines() if (record := _parse(line)) is not None]
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint: they are trained again."""
+    """On resume, drop the lines of steps after the checkpoint (they are trained again) and torn lines."""
     if not path.exists():
         return
-    kept = [record for record in read_metrics(path) if record["step"] <= step]
-    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [record for line in lines if (record := _parse(line)) is not None]
+    if len(records) < len(lines):
+        warnings.warn(
+            f"{path.name}: dropped {len(lines) - len(records)} unreadable line(s) left by a crash", stacklevel=2
+        )
+    kept = "".join(json.dumps(record) + "\n" for record in records if record["step"] <= step)
+    staged = path.with_name(path.name + ".tmp")
+    staged.write_text(kept)
+    staged.replace(path)
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

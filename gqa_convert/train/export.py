@@ -1,5 +1,8 @@
-"""The final model: the full state dict gathered (a collective), written by the main process as a
-transformers folder in OUT with the source's dtype, its config, tokenizer and provenance."""
+"""The final model, streamed: every rank walks the same tensor list in the same order and gathers each
+tensor whole (a collective for sharded tensors); rank 0 casts it to the source's dtype and writes it
+through the project's sharded safetensors writer. Memory holds one gathered tensor at a time: rank 0
+never builds a state dict. The files are staged in OUT/.export-tmp and moved in at the end, with the
+source's config and tokenizer and the provenance of the run."""
 
 from __future__ import annotations
 
@@ -8,42 +11,74 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from gqa_convert import __version__
-from gqa_convert.io.portable import make_tokenizer_portable, portable_config
+from gqa_convert.io.portable import portable_config
 from gqa_convert.io.provenance import new_record, read_record, write_record
-from gqa_convert.io.sources import declared_dtype, load_tokenizer
+from gqa_convert.io.side_files import copy_side_files, write_config
+from gqa_convert.io.sources import open_checkpoint
+from gqa_convert.io.writer import INDEX_NAME, ShardedWriter, TensorSpec
 from gqa_convert.train.checkpoints import read_metrics
+from gqa_convert.train.loading import source_dtype
 from gqa_convert.train.settings import TrainPlan
 
+MAX_SHARD_BYTES = 5 * 10**9
+STAGING = ".export-tmp"
 
-def write_final_model(accelerator: Any, model: Any, plan: TrainPlan, steps: int, tokens: int) -> None:
-    """Gather the full state dict on every rank, then the main process writes OUT."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        settings = plan.settings
-        out = Path(settings.out)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.config.use_cache = True
-        if getattr(unwrapped.config, "tie_word_embeddings", False):
-            state_dict.pop("lm_head.weight", None)  # gathered state dicts untie it
-        dtype = declared_dtype(Path(settings.model))
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        staging = out / ".final-tmp"
+
+def export_tensors(causal_lm: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors to save, in the same order on every rank; lm_head left out when tied to the
+    embeddings (transformers re-ties it on load)."""
+    tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
+    state = causal_lm.state_dict(keep_vars=True)  # the parameters themselves: sharded, nothing gathered
+    return [(name, tensor) for name, tensor in state.items() if not (tied and name == "lm_head.weight")]
+
+
+def export_model(strategy: Any, plan: TrainPlan, steps: int, tokens: int) -> None:
+    """Collective: every rank calls it."""
+    settings = plan.settings
+    out = Path(settings.out)
+    main = dist.get_rank() == 0
+    dtype = source_dtype(settings.model)
+    tensors = export_tensors(strategy.causal_lm)
+    specs = [
+        TensorSpec(name, strategy.full_shape(tensor), dtype if tensor.is_floating_point() else tensor.dtype)
+        for name, tensor in tensors
+    ]
+    staging = out / STAGING
+    writer = None
+    if main:
         shutil.rmtree(staging, ignore_errors=True)
-        unwrapped.save_pretrained(staging, state_dict=state_dict, save_function=accelerator.save)
-        config_path = staging / "config.json"
-        saved = json.loads(config_path.read_text())
-        saved["dtype"] = str(dtype).removeprefix("torch.")
-        config_path.write_text(json.dumps(portable_config(saved), indent=2, sort_keys=True) + "\n")
-        load_tokenizer(settings.model).save_pretrained(staging)
-        make_tokenizer_portable(staging)
-        _write_provenance(staging, plan, steps, tokens)
-        for stale in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
-            stale.unlink()  # a stale single file beside new shards would break loading
-        for file in staging.iterdir():
-            shutil.move(str(file), out / file.name)
-        staging.rmdir()
-    accelerator.wait_for_everyone()
+        staging.mkdir()
+        writer = ShardedWriter(staging, specs, MAX_SHARD_BYTES)
+    for (_, tensor), spec in zip(tensors, specs):
+        full = strategy.gather(tensor)  # every rank, same order
+        if writer is not None:
+            writer.write(spec.name, full.detach().to("cpu", spec.dtype))
+        del full
+    if main:
+        writer.finish()
+        _write_side_files(staging, plan, steps, tokens)
+        _move_in(staging, out)
+    dist.barrier()
+
+
+def _write_side_files(folder: Path, plan: TrainPlan, steps: int, tokens: int) -> None:
+    """The source's config (training changes no shape), tokenizer and generation settings, provenance."""
+    source = Path(plan.settings.model)
+    write_config(folder, portable_config(json.loads((source / "config.json").read_text())))
+    copy_side_files(open_checkpoint(source), folder)
+    _write_provenance(folder, plan, steps, tokens)
+
+
+def _move_in(staging: Path, out: Path) -> None:
+    for stale in [*out.glob("model*.safetensors"), out / INDEX_NAME]:
+        stale.unlink(missing_ok=True)  # a stale single file beside new shards would break loading
+    for file in staging.iterdir():
+        file.replace(out / file.name)
+    staging.rmdir()
 
 
 def _write_provenance(folder: Path, plan: TrainPlan, steps: int, tokens: int) -> None:
@@ -54,6 +89,8 @@ def _write_provenance(folder: Path, plan: TrainPlan, steps: int, tokens: int) ->
         "version": __version__,
         "model": str(settings.model),
         "arguments": vars(settings),
+        "strategy": plan.strategy,
+        "processes": plan.world_size,
         "budget": plan.budget_origin,
         "steps": steps,
         "tokens": tokens,

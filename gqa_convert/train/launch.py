@@ -1,12 +1,15 @@
-"""The uptrain entry point: prepare, then run the workers (in this process, or under `accelerate
-launch` for several processes or machines), or only plan and time one step (dry run)."""
+"""The uptrain entry point: decide the strategy, prepare, choose the checkpoint to resume from, then run
+the workers (in this process for one process on one machine, else under `accelerate launch`), or only
+plan and time one step (dry run). A worker's user error comes back as one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,63 +17,83 @@ from typing import Any
 import torch
 
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.train.checkpoints import read_metrics
-from gqa_convert.train.components import build_model, build_optimizer, micro_batch, open_blocks
+from gqa_convert.io.sources import load_causal_lm
+from gqa_convert.train.checkpoints import choose_resume, read_metrics
+from gqa_convert.train.components import micro_batch, open_blocks
 from gqa_convert.train.loop import run_worker
+from gqa_convert.train.modules import CausalLMWithChunkedLoss
 from gqa_convert.train.prepare import WORKER_ENV, prepare
+from gqa_convert.train.runtime import ERROR_ENV
 from gqa_convert.train.settings import TrainPlan, TrainSettings, resolve_precision
+from gqa_convert.train.strategy import resolve_strategy
 
 
 def launch_command(plan: TrainPlan) -> list[str] | None:
-    """The `accelerate launch` command for several processes, or None to run in this process."""
+    """The `accelerate launch` command, or None to run in this process. ddp and fsdp2 are launched as
+    plain processes (--multi_gpu: an FSDP YAML gives only its process and machine settings, gqa-convert
+    shards itself); deepspeed with its YAML, whose plugin Accelerate builds."""
     settings = plan.settings
     if os.environ.get(WORKER_ENV) or "LOCAL_RANK" in os.environ:
         return None  # already a worker
-    if plan.world_size == 1 and settings.num_machines == 1 and not settings.accelerate_config:
+    deepspeed = plan.strategy == "deepspeed"
+    if plan.world_size == 1 and settings.num_machines == 1 and not deepspeed:
         return None
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if settings.accelerate_config:
         command += ["--config_file", settings.accelerate_config]
-        if settings.num_processes is not None:
-            command += ["--num_processes", str(settings.num_processes)]
-        if settings.machine_rank:  # one YAML for every node: the rank comes from the command line
-            command += ["--machine_rank", str(settings.machine_rank)]
-    else:
-        command += ["--multi_gpu", "--num_processes", str(plan.world_size), "--dynamo_backend", "no"]
-        command += ["--mixed_precision", resolve_precision(settings.mixed_precision)]
-    if settings.num_machines == 1 and not settings.accelerate_config:
-        command += ["--num_machines", "1"]
+    if not deepspeed:
+        command += ["--multi_gpu", "--dynamo_backend", "no"]
+    command += ["--mixed_precision", resolve_precision(settings.mixed_precision) if deepspeed else "no"]
+    command += ["--num_processes", str(plan.world_size)]
+    if settings.num_machines > 1 or not settings.accelerate_config:  # else the YAML's machines
+        command += ["--num_machines", str(settings.num_machines)]
+    if settings.machine_rank or not settings.accelerate_config:  # one YAML for every node
+        command += ["--machine_rank", str(settings.machine_rank)]
+    if settings.main_process_port is not None:  # on one machine too: the port a scheduler picked
+        command += ["--main_process_port", str(settings.main_process_port)]
     if settings.num_machines > 1:
-        command += ["--num_machines", str(settings.num_machines), "--machine_rank", str(settings.machine_rank)]
-        command += ["--main_process_ip", str(settings.main_process_ip)]
-        command += ["--main_process_port", str(settings.main_process_port), "--rdzv_backend", "c10d"]
+        command += ["--main_process_ip", str(settings.main_process_ip), "--rdzv_backend", "c10d"]
     return command + ["-m", "gqa_convert.train.loop"]
 
 
-def launch(plan: TrainPlan) -> int:
-    """Run the workers: here for one process, else under `accelerate launch` (exit code returned)."""
+def launch(plan: TrainPlan) -> None:
+    """Run the workers: here for one process, else under `accelerate launch`. The launcher's own
+    report of a worker that stopped on a user error is not shown: the error is, as one line."""
     command = launch_command(plan)
     if command is None:
         run_worker(plan)
-        return 0
-    env = {**os.environ, WORKER_ENV: plan.to_json()}
-    return subprocess.run(command, env=env).returncode
+        return
+    with tempfile.TemporaryDirectory(prefix="gqa-convert-") as scratch:
+        error_file = Path(scratch) / "error"
+        env = {**os.environ, WORKER_ENV: plan.to_json(), ERROR_ENV: str(error_file)}
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+        assert process.stderr is not None
+        for line in process.stderr:
+            if not error_file.exists():
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+        code = process.wait()
+        if error_file.exists():
+            raise GQAConvertError(error_file.read_text().strip())
+    if code != 0:
+        raise GQAConvertError(
+            f"training stopped with exit code {code}; rerun with --resume to continue from the last checkpoint"
+        )
 
 
 def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
     """The run's size, and its duration estimated from one measured step on this machine's device."""
     settings = plan.settings
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(settings).to(device)
-    optimizer = build_optimizer(model, settings)
+    model = CausalLMWithChunkedLoss(load_causal_lm(settings.model, dtype=torch.float32)).to(device)
     blocks = open_blocks(plan)
     timings = []
     for _ in range(2):  # the first step pays for warm-up; the second is the one that counts
         started = time.perf_counter()
         for micro in range(plan.grad_accum):
             inputs = micro_batch(blocks, plan, 0, micro, 0).to(device)
-            model(input_ids=inputs, labels=inputs).loss.backward()
-        optimizer.zero_grad(set_to_none=True)  # measured, not applied
+            model(inputs, labels=inputs).loss.backward()
+        model.zero_grad(set_to_none=True)  # measured, not applied
         if device == "cuda":
             torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
@@ -83,6 +106,7 @@ def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
         "micro_batch_size": settings.micro_batch_size,
         "grad_accum": plan.grad_accum,
         "processes": plan.world_size,
+        "strategy": plan.strategy,
         "seq_len": settings.seq_len,
         "device": device,
         "measured_step_s": round(step_seconds, 3),
@@ -93,16 +117,16 @@ def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
 def uptrain(settings: TrainSettings) -> dict[str, Any]:
     """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or
     the final step, tokens and loss read back from OUT."""
-    plan = prepare(settings)
+    strategy = resolve_strategy(settings)  # before any work: a refused strategy costs nothing
+    plan = dataclasses.replace(prepare(settings), strategy=strategy)
     if settings.dry_run:
         try:
             return dry_run_plan(plan)
         finally:
             shutil.rmtree(Path(plan.tokens_file).parent, ignore_errors=True)
-    code = launch(plan)
-    if code != 0:
-        raise GQAConvertError(
-            f"training stopped with exit code {code}; rerun with --resume to continue from the last checkpoint"
-        )
+    if settings.resume:
+        resume_from = choose_resume(plan)
+        plan = dataclasses.replace(plan, resume_from=None if resume_from is None else str(resume_from))
+    launch(plan)
     last = read_metrics(Path(settings.out) / "metrics.jsonl")[-1]
     return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}

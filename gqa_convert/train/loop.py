@@ -1,16 +1,19 @@
-"""The uptraining worker: one loop with named phases, run by every process under Accelerate.
+"""The uptraining worker: one loop with named phases, run by every process, whatever the strategy.
 
     python -m gqa_convert.train.loop   (started by train.launch with the plan in the environment)
 
-Data position is a pure function of the step (data.tokens.TokenBlocks), so resuming restores model,
-optimizer and RNG through Accelerate and the step and token count from the checkpoint.
+The data position is a pure function of the step (data.tokens.TokenBlocks), so resuming restores the
+strategy's state (model, optimizer), RNG, and the step and token count from the checkpoint. A final
+checkpoint is saved before the export: a failed export is redone by --resume, without training.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,41 +21,28 @@ from typing import Any
 import torch
 
 from gqa_convert.data.tokens import TokenBlocks, open_tokens
+from gqa_convert.errors import GQAConvertError, is_disk_full
 from gqa_convert.evaluate import perplexity_of
 from gqa_convert.train.checkpoints import (
+    TrainerState,
     append_metrics,
-    latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     trim_metrics,
 )
-from gqa_convert.train.components import (
-    UNSHARDED,
-    build_accelerator,
-    build_model,
-    build_optimizer,
-    build_teacher,
-    distillation_loss,
-    micro_batch,
-    open_blocks,
-)
-from gqa_convert.train.export import write_final_model
+from gqa_convert.train.components import micro_batch, open_blocks
+from gqa_convert.train.deepspeed_zero3 import DeepSpeedZero3
+from gqa_convert.train.export import export_model
+from gqa_convert.train.losses import Weights
+from gqa_convert.train.parallel import DataParallel, FullyShard
 from gqa_convert.train.prepare import WORKER_ENV
 from gqa_convert.train.progress import TrainProgress
+from gqa_convert.train.runtime import Runtime, check_shared_out, report_error, start, stop
 from gqa_convert.train.schedule import learning_rate
 from gqa_convert.train.settings import TrainPlan
 
-
-@dataclass
-class TrainerState:
-    """The trainer's own resumable state: tiny, saved beside Accelerate's in each checkpoint."""
-
-    step: int = 0  # optimizer steps done
-    tokens: int = 0  # tokens trained on, all processes
-
-    def state_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+STRATEGIES = {"ddp": DataParallel, "fsdp2": FullyShard, "deepspeed": DeepSpeedZero3}
 
 
 @dataclass
@@ -60,143 +50,219 @@ class Worker:
     """What the loop works with, built once in the setup phase."""
 
     plan: TrainPlan
-    accelerator: Any
-    model: Any
-    optimizer: Any
-    teacher: Any
+    runtime: Runtime
+    strategy: DataParallel
     blocks: TokenBlocks
     eval_ids: torch.Tensor | None
 
+    @property
+    def out(self) -> Path:
+        return Path(self.plan.settings.out)
 
-def setup(plan: TrainPlan) -> Worker:
-    accelerator = build_accelerator(plan)
+
+def setup(plan: TrainPlan, runtime: Runtime) -> Worker:
+    check_shared_out(runtime, Path(plan.settings.out))
     torch.manual_seed(plan.settings.seed)
-    model = build_model(plan.settings)
-    optimizer = build_optimizer(model, plan.settings, fused=accelerator.distributed_type.value in UNSHARDED)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    teacher = build_teacher(plan.settings, accelerator)
+    strategy = STRATEGIES[plan.strategy](runtime, plan)
     eval_ids = None
     if plan.eval_tokens_file:
         eval_ids = torch.from_numpy(open_tokens(Path(plan.eval_tokens_file)).astype("int64"))
     if plan.settings.report_to != "none":
         tracked = {k: v for k, v in vars(plan.settings).items() if v is not None}
-        accelerator.init_trackers("gqa-convert", config=tracked)
-    return Worker(plan, accelerator, model, optimizer, teacher, open_blocks(plan), eval_ids)
+        runtime.accelerator.init_trackers("gqa-convert", config=tracked)
+    return Worker(plan, runtime, strategy, open_blocks(plan), eval_ids)
 
 
 def resume(worker: Worker) -> TrainerState:
-    """The latest complete checkpoint when --resume is given; the metrics log trimmed to it."""
-    out, accelerator = Path(worker.plan.settings.out), worker.accelerator
-    state = TrainerState()
-    checkpoint = latest_checkpoint(out) if worker.plan.settings.resume else None
-    if checkpoint is not None:
-        state = TrainerState(**load_checkpoint(accelerator, checkpoint))
-        accelerator.print(f"resumed from {checkpoint.name}: step {state.step}, {state.tokens:,} tokens")
-    if accelerator.is_main_process:
-        trim_metrics(out / "metrics.jsonl", state.step)
-    accelerator.wait_for_everyone()
+    """The checkpoint the launcher chose (plan.resume_from); the metrics log trimmed to it."""
+    state, folder = TrainerState(), worker.plan.resume_from
+    if folder is not None:
+        state = load_checkpoint(worker.strategy, Path(folder), worker.runtime.world)
+        worker.runtime.accelerator.print(
+            f"resumed from {Path(folder).name}: step {state.step}, {state.tokens:,} tokens"
+        )
+    if worker.runtime.is_main:
+        trim_metrics(worker.out / "metrics.jsonl", state.step)
+    torch.distributed.barrier()
     return state
 
 
 def train_step(worker: Worker, step: int) -> dict[str, Any]:
     """One optimizer step over grad_accum micro-batches; returns the step's metrics record."""
-    plan, accelerator, model, optimizer = worker.plan, worker.accelerator, worker.model, worker.optimizer
+    plan, runtime, strategy = worker.plan, worker.runtime, worker.strategy
     settings = plan.settings
     started = time.perf_counter()
     lr = learning_rate(step, plan.steps, settings.lr, settings.min_lr_ratio, settings.warmup_steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = torch.zeros((), device=accelerator.device)
-    distill_sum = torch.zeros((), device=accelerator.device)
-    grad_norm = None
+    strategy.set_lr(lr)
+    teacher = strategy.teacher
+    weights = Weights(1 - settings.distill_weight, settings.distill_weight, settings.distill_temperature)
+    if teacher is None:
+        weights = Weights()
+    lm_sum = torch.zeros((), device=runtime.device)
+    kd_sum = torch.zeros((), device=runtime.device)
     for micro in range(plan.grad_accum):
-        inputs = micro_batch(worker.blocks, plan, step, micro, accelerator.process_index).to(accelerator.device)
-        # Accelerate's own accumulation: no gradient sync, loss scaled by 1/accum, and the optimizer
-        # steps only on the last micro-batch (DeepSpeed counts micro-batches itself the same way)
-        with accelerator.accumulate(model), accelerator.autocast():
-            output = model(input_ids=inputs, labels=inputs)
-            loss = output.loss
-            if worker.teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = worker.teacher(input_ids=inputs).logits
-                distill = distillation_loss(output.logits, teacher_logits, settings.distill_temperature)
-                distill_sum += distill.detach()
-                loss = (1 - settings.distill_weight) * loss + settings.distill_weight * distill
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and settings.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += output.loss.detach()  # the LM loss, comparable with or without a teacher
-    assert accelerator.sync_gradients, "a step must end on a gradient sync"
+        inputs = micro_batch(worker.blocks, plan, step, micro, runtime.rank).to(runtime.device)
+        with strategy.micro_step(last=micro == plan.grad_accum - 1):
+            teacher_hidden = None
+            if teacher is not None:
+                with torch.no_grad(), strategy.autocast():
+                    teacher_hidden = teacher(inputs)
+            with _teacher_head(strategy) as teacher_head, strategy.autocast():
+                parts = strategy.model(
+                    inputs, labels=inputs, teacher_hidden=teacher_hidden, teacher_head=teacher_head, weights=weights
+                )
+            strategy.backward(parts.loss)
+        lm_sum += parts.lm
+        kd_sum += parts.kd
+    grad_norm = strategy.step()
     seconds = time.perf_counter() - started
+    reduce = runtime.accelerator.reduce
     record = {
         "step": step + 1,
         "tokens": (step + 1) * plan.step_tokens,
-        "loss": round(accelerator.reduce(loss_sum / plan.grad_accum, "mean").item(), 6),
+        "loss": round(reduce(lm_sum / plan.grad_accum, "mean").item(), 6),  # the LM loss, with or without a teacher
         "lr": lr,
         "tokens_per_s": round(plan.step_tokens / seconds, 1),
-        "grad_norm": None if grad_norm is None else round(float(grad_norm), 4),
+        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
     }
-    if worker.teacher is not None:
-        record["distill_loss"] = round(accelerator.reduce(distill_sum / plan.grad_accum, "mean").item(), 6)
+    if teacher is not None:
+        record["distill_loss"] = round(reduce(kd_sum / plan.grad_accum, "mean").item(), 6)
     return record
 
 
+@contextlib.contextmanager
+def _teacher_head(strategy: DataParallel) -> Iterator[Any]:
+    if strategy.teacher is None:
+        yield None
+    else:
+        with strategy.teacher_head() as head:
+            yield head
+
+
 def evaluate_now(worker: Worker) -> dict[str, float]:
-    settings = worker.plan.settings
-    with worker.accelerator.autocast():
+    settings, strategy = worker.plan.settings, worker.strategy
+    with strategy.autocast():
         result = perplexity_of(
-            worker.model, worker.eval_ids, settings.seq_len, settings.micro_batch_size, worker.accelerator
+            strategy.model, worker.eval_ids, settings.seq_len, settings.micro_batch_size, worker.runtime.accelerator
         )
+    strategy.after_eval()
     return {"eval_perplexity": round(result["perplexity"], 4), "eval_tokens": result["tokens"]}
 
 
 def log(worker: Worker, record: dict[str, Any]) -> None:
-    accelerator = worker.accelerator
-    if accelerator.is_main_process:
-        append_metrics(Path(worker.plan.settings.out) / "metrics.jsonl", record)
+    accelerator = worker.runtime.accelerator
+    if worker.runtime.is_main:
+        append_metrics(worker.out / "metrics.jsonl", record)
     if accelerator.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
-def run_worker(plan: TrainPlan) -> None:
-    """Set up, resume if asked, train to the step budget, save the final model."""
-    settings = plan.settings
-    # ---- setup ----
-    worker = setup(plan)
-    accelerator, out = worker.accelerator, Path(settings.out)
-    # ---- resume ----
-    state = resume(worker)
-    # ---- train ----
-    progress = TrainProgress(accelerator, plan.steps, state.step)
+def report_shares(worker: Worker) -> None:
+    """Which part of the model and optimizer state each process holds (every rank calls it)."""
+    shares = [None] * worker.runtime.world
+    torch.distributed.all_gather_object(shares, worker.strategy.shares())
+    if worker.runtime.is_main:
+        for rank, share in enumerate(shares):
+            held = ", ".join(f"{name} {local:,}/{total:,}" for name, (local, total) in share.items())
+            print(f"{worker.plan.strategy} rank {rank}/{worker.runtime.world} holds {held}", flush=True)
+
+
+@contextlib.contextmanager
+def writing(what: str, fix: str) -> Iterator[None]:
+    """A full disk or a refused write becomes one line naming what was not written and the fix."""
+    try:
+        yield
+    except Exception as error:
+        cause = output_error(error)
+        if cause is None:
+            raise
+        reason = "no space left" if is_disk_full(cause) else cause.strerror or type(cause).__name__
+        where = f" ({cause.filename})" if cause.filename else ""
+        raise GQAConvertError(f"{what} was not written: {reason}{where}; {fix}") from None
+
+
+def output_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, also inside torch.distributed.checkpoint's per-rank failures."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, OSError):
+            return error
+        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                found = output_error(failure[0] if isinstance(failure, tuple) else failure)
+                if found is not None:
+                    return found
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None
+
+
+def train(worker: Worker, state: TrainerState) -> int:
+    """Train to the step budget; returns the step of the last checkpoint saved or resumed."""
+    settings, runtime = worker.plan.settings, worker.runtime
+    saved = first = state.step
+    progress = TrainProgress(runtime.accelerator, worker.plan.steps, state.step)
     epoch = worker.blocks.epoch_of(state.tokens // settings.seq_len)
-    worker.model.train()
-    while state.step < plan.steps:
+    worker.strategy.model.train()
+    while state.step < worker.plan.steps:
         record = train_step(worker, state.step)
         state.step, state.tokens = record["step"], record["tokens"]
+        if state.step == first + 1:
+            report_shares(worker)
         new_epoch = worker.blocks.epoch_of(state.tokens // settings.seq_len - 1)
         if new_epoch != epoch:
-            accelerator.print(
+            runtime.accelerator.print(
                 f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {settings.seed})"
             )
             epoch = new_epoch
         if worker.eval_ids is not None and settings.eval_every and state.step % settings.eval_every == 0:
             record.update(evaluate_now(worker))
-        log(worker, record)
+        with writing("metrics.jsonl", "free space and rerun with --resume"):
+            log(worker, record)
         progress.update(state.step, state.tokens, record["loss"])
-        # ---- checkpoint ----
-        if state.step % settings.save_every == 0 and state.step < plan.steps:
-            save_checkpoint(accelerator, out, state.step, state.state_dict())
-            if accelerator.is_main_process:
-                prune_checkpoints(out, settings.keep_checkpoints)
+        if state.step % settings.save_every == 0 or state.step == worker.plan.steps:
+            checkpoint(worker, state, saved)
+            saved = state.step
     progress.close()
-    # ---- export ----
-    if worker.eval_ids is not None and not (settings.eval_every and state.step % settings.eval_every == 0):
-        accelerator.print(f"final eval: {evaluate_now(worker)}")
-    write_final_model(accelerator, worker.model, plan, state.step, state.tokens)
-    accelerator.end_training()
+    return saved
+
+
+def checkpoint(worker: Worker, state: TrainerState, previous: int) -> None:
+    kept = f"the checkpoint of step {previous} is kept" if previous else "no checkpoint was kept"
+    with writing(f"checkpoint step-{state.step:08d}", f"{kept}: free space and rerun with --resume"):
+        save_checkpoint(worker.strategy, worker.out, state, worker.plan)
+        if worker.runtime.is_main:
+            prune_checkpoints(worker.out, worker.plan.settings.keep_checkpoints)
+
+
+def run_worker(plan: TrainPlan) -> None:
+    """Set up, resume if asked, train to the step budget, save the final model."""
+    runtime = start(plan)
+    try:
+        worker = setup(plan, runtime)
+        state = resume(worker)
+        saved = train(worker, state)
+        settings = plan.settings
+        if worker.eval_ids is not None and not (settings.eval_every and state.step % settings.eval_every == 0):
+            runtime.accelerator.print(f"final eval: {evaluate_now(worker)}")
+        with writing(
+            "the final model",
+            f"the checkpoint of step {saved} is kept: free space and rerun with --resume to export it",
+        ):
+            export_model(worker.strategy, plan, state.step, state.tokens)
+    finally:
+        stop(runtime)
+
+
+def main() -> int:
+    """Entry point of a launched worker: a user error goes to the launching process as one line."""
+    try:
+        run_worker(TrainPlan.from_json(os.environ[WORKER_ENV]))
+    except GQAConvertError as error:
+        report_error(str(error))
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    run_worker(TrainPlan.from_json(os.environ[WORKER_ENV]))
+    sys.exit(main())

@@ -21,6 +21,7 @@ from gqa_convert.io.sources import check_model_folder, model_config
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRAINABLE = ("all", "attention")
 REPORTERS = ("none", "tensorboard", "wandb")
+STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed")  # see train.strategy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +62,10 @@ class TrainSettings:
     num_machines: int = 1
     machine_rank: int = 0
     main_process_ip: str | None = None
-    main_process_port: int = 29500
+    main_process_port: int | None = None  # default: the YAML's, else 29500
     accelerate_config: str | None = None
+    strategy: str = "auto"  # auto: the YAML's sharding if any, else ddp
+    timeout_minutes: float = 60.0  # collective timeout: ranks waiting while rank 0 writes
     dry_run: bool = False
     teacher: str | None = None  # distil from this model's logits (the unconverted source)
     distill_weight: float = 0.5  # loss = (1 - w) LM + w T^2 KL(teacher || student)
@@ -83,6 +86,7 @@ class TrainSettings:
             ("trainable", self.trainable, TRAINABLE),
             ("mixed-precision", self.mixed_precision, PRECISIONS),
             ("report-to", self.report_to, REPORTERS),
+            ("strategy", self.strategy, STRATEGIES),
         ):
             if value not in choices:
                 raise GQAConvertError(f"--{name} must be one of: {', '.join(choices)}")
@@ -92,6 +96,8 @@ class TrainSettings:
             raise GQAConvertError("--eval-every needs --eval-data")
         if self.eval_every < 0 or self.eval_tokens < 2:
             raise GQAConvertError("--eval-every must not be negative and --eval-tokens at least 2")
+        if not self.timeout_minutes > 0:
+            raise GQAConvertError("--timeout-minutes must be positive")
         if not 0 < self.distill_weight <= 1 or self.distill_temperature <= 0:
             raise GQAConvertError("--distill-weight must be in (0, 1] and --distill-temperature positive")
 
@@ -107,11 +113,18 @@ class TrainPlan:
     budget_origin: str
     tokens_file: str
     eval_tokens_file: str | None = None
+    strategy: str = "ddp"  # resolved by train.strategy
+    resume_from: str | None = None  # the checkpoint folder chosen by train.checkpoints
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over every process."""
+        return self.settings.micro_batch_size * self.world_size * self.grad_accum
 
     @property
     def step_tokens(self) -> int:
         """Tokens per optimizer step over every process."""
-        return self.settings.micro_batch_size * self.settings.seq_len * self.world_size * self.grad_accum
+        return self.global_batch * self.settings.seq_len
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

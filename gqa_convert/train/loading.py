@@ -1,0 +1,82 @@
+"""Models loaded straight into their training layout: every process builds the model with its parameters
+on the meta device, applies its layout (freezing, checkpointing, sharding), allocates its own part on its
+device, and rank 0 alone reads the weights (in the checkpoint's dtype), which are broadcast tensor by
+tensor into every process's part. No other process ever holds the checkpoint in memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gqa_convert.arch import architecture_for
+from gqa_convert.io.gguf import is_gguf
+from gqa_convert.io.sources import declared_dtype, load_causal_lm, model_config
+
+
+def source_dtype(source: str | Path) -> torch.dtype:
+    """The dtype the weights are stored in (a GGUF is dequantized to float32)."""
+    return torch.float32 if is_gguf(Path(source)) else declared_dtype(Path(source))
+
+
+def empty_causal_lm(source: str | Path, dtype: torch.dtype) -> Any:
+    """The model of `source` with parameters on the meta device; buffers (rotary frequencies, embedding
+    scales) are real, computed by the model's own code."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    config = model_config(source)
+    config.use_cache = False
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_into(
+    source: str | Path,
+    root: nn.Module,
+    device: torch.device,
+    layout: Callable[[nn.Module], None] | None = None,
+) -> nn.Module:
+    """`root` wraps an empty_causal_lm as `root.causal_lm`: apply `layout` (on meta), allocate on
+    `device`, restore the buffers, then fill the parameters from rank 0's read of `source`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if layout is not None:
+        layout(root)
+    buffers = {name: buffer.clone() for name, buffer in root.named_buffers()}
+    root.to_empty(device=device)  # garbage everywhere, and unties tied weights that are not sharded
+    with torch.no_grad():
+        for name, buffer in root.named_buffers():
+            buffer.copy_(buffers[name])
+    if getattr(root.causal_lm.config, "tie_word_embeddings", False):
+        root.causal_lm.tie_weights()
+    full: dict[str, torch.Tensor] = {}
+    if dist.get_rank() == 0:
+        source_model = load_causal_lm(source, dtype=source_dtype(source))
+        full = {f"causal_lm.{name}": tensor for name, tensor in source_model.state_dict().items()}
+    set_model_state_dict(root, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return root
+
+
+def decoder_layers(causal_lm: Any) -> list[nn.Module]:
+    """The decoder layers, from the architecture table (model.layers, transformer.h)."""
+    arch = architecture_for(causal_lm.config.to_dict())
+    return list(causal_lm.get_submodule(arch.layers_path))
+
+
+def freeze_all_but_attention(causal_lm: Any) -> None:
+    """--trainable attention: only each layer's attention module (q/k/v/o and their norms) trains."""
+    arch = architecture_for(causal_lm.config.to_dict())
+    prefixes = [
+        arch.layer_prefix.format(layer=i) + arch.attention_module + "."
+        for i in range(causal_lm.config.num_hidden_layers)
+    ]
+    for name, parameter in causal_lm.named_parameters():
+        parameter.requires_grad = any(name.startswith(prefix) for prefix in prefixes)

@@ -1,0 +1,140 @@
+"""A worker's process group and device. Accelerate starts the processes and the group (gloo on CPU, nccl
+on GPU); sharding is applied by train.parallel. What is in effect is checked against the plan: the
+world size, the strategy the launcher set up, and OUT being the same folder on every machine.
+One process without a launcher gets a process group of one, so every strategy runs the same code."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.train.settings import TrainPlan, resolve_precision
+
+ERROR_ENV = "GQA_CONVERT_WORKER_ERROR"  # a file where a worker leaves its one-line error for the launcher
+
+
+@dataclass
+class Runtime:
+    accelerator: Any
+    device: torch.device
+    rank: int
+    world: int
+    precision: str  # no, bf16 or fp16
+    owns_group: bool  # a one-process group made here, destroyed by stop()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launcher_sharding() -> str | None:
+    """What the environment set by `accelerate launch` asks Accelerate to apply itself."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DEEPSPEED"
+    return None
+
+
+def start(plan: TrainPlan) -> Runtime:
+    """The Accelerator and process group of this worker; refuses anything but what the plan asks."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    settings = plan.settings
+    deepspeed = plan.strategy == "deepspeed"
+    launcher = _launcher_sharding()
+    if launcher != ("DEEPSPEED" if deepspeed else None):
+        raise GQAConvertError(
+            f"the launcher set up {launcher or 'no sharding'} but this run's strategy is {plan.strategy}: "
+            "run gqa-convert uptrain directly, not under accelerate launch"
+        )
+    timeout = datetime.timedelta(minutes=settings.timeout_minutes)
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(settings.mixed_precision)
+    accelerator = Accelerator(
+        cpu=not cuda,
+        # ddp and fsdp2 apply their precision themselves; DeepSpeed takes it from Accelerate
+        mixed_precision=precision if deepspeed else "no",
+        gradient_accumulation_steps=plan.grad_accum,
+        log_with=None if settings.report_to == "none" else settings.report_to,
+        project_dir=settings.out,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
+    )
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not accelerator.num_processes == world == plan.world_size:
+        # e.g. an Accelerator without cpu=True on a machine without GPUs sees 1 process in a group of 2
+        raise GQAConvertError(
+            f"asked for {plan.world_size} processes but Accelerate runs {accelerator.num_processes} in a process "
+            f"group of {world}: check the launch settings"
+        )
+    in_effect = accelerator.distributed_type.value
+    if (in_effect == "DEEPSPEED") != deepspeed or in_effect not in ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED"):
+        raise GQAConvertError(f"Accelerate set up {in_effect} but this run's strategy is {plan.strategy}")
+    return Runtime(accelerator, accelerator.device, rank, world, precision, owns_group)
+
+
+def stop(runtime: Runtime) -> None:
+    runtime.accelerator.end_training()
+    if runtime.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def check_shared_out(runtime: Runtime, out: Path, wait_seconds: float = 10.0) -> None:
+    """Rank 0 leaves a file with a fresh name in OUT; every process must find it. With separate OUT
+    folders per machine, training would die later on a missing file or a checkpoint missing shards."""
+    token = uuid.uuid4().hex if runtime.is_main else ""
+    probe = out / f".visible-{token}"
+    if runtime.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    names = [token]
+    dist.broadcast_object_list(names, src=0)
+    probe = out / f".visible-{names[0]}"
+    deadline = time.monotonic() + wait_seconds  # network filesystems may show a new file late
+    while not _reads(probe, names[0]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = [None] * runtime.world
+    dist.all_gather_object(seen, (socket.gethostname(), _reads(probe, names[0])))
+    dist.barrier()
+    if runtime.is_main:
+        probe.unlink(missing_ok=True)
+    blind = sorted({host for host, ok in seen if not ok})
+    if blind:
+        raise GQAConvertError(
+            f"OUT {out} is not the same folder on every machine ({', '.join(blind)} cannot see what machine rank 0 "
+            "writes there): put OUT on a filesystem shared by all machines"
+        )
+
+
+def _reads(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
+
+
+def report_error(message: str) -> None:
+    """Leave the error for the launching process, which prints it as one line (first writer wins)."""
+    path = os.environ.get(ERROR_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "x") as handle:
+            handle.write(message)
+    except OSError:
+        pass  # another process of this machine reported first
