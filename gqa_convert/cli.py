@@ -216,7 +216,9 @@ def uptrain(
     eval_tokens: int = typer.Option(65536, help="tokens of --eval-data used"),
     num_processes: Optional[int] = typer.Option(None, help="processes over all machines (default: every GPU)"),
     num_machines: int = typer.Option(1, help="machines"),
-    machine_rank: int = typer.Option(0, help="this machine's rank"),
+    machine_rank: int = typer.Option(
+        0, help="this machine's rank (machines of --num-machines are numbered by the rendezvous)"
+    ),
     main_process_ip: Optional[str] = typer.Option(None, help="address of machine rank 0"),
     main_process_port: Optional[int] = typer.Option(
         None, help="port on machine rank 0 (default: the YAML's, or 29500)"

@@ -48,20 +48,25 @@ def export_model(strategy: Any, plan: TrainPlan, steps: int, tokens: int) -> Non
         for name, tensor in tensors
     ]
     staging = out / STAGING
-    writer = None
-    if main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        writer = ShardedWriter(staging, specs, MAX_SHARD_BYTES)
-    for (_, tensor), spec in zip(tensors, specs):
-        full = strategy.gather(tensor)  # every rank, same order
-        if writer is not None:
-            writer.write(spec.name, full.detach().to("cpu", spec.dtype))
-        del full
-    if main:
-        writer.finish()
-        _write_side_files(staging, plan, steps, tokens)
-        _move_in(staging, out)
+    try:
+        writer = None
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            writer = ShardedWriter(staging, specs, MAX_SHARD_BYTES)
+        for (_, tensor), spec in zip(tensors, specs):
+            full = strategy.gather(tensor)  # every rank, same order
+            if writer is not None:
+                writer.write(spec.name, full.detach().to("cpu", spec.dtype))
+            del full
+        if main:
+            writer.finish()
+            _write_side_files(staging, plan, steps, tokens)
+            _move_in(staging, out)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     dist.barrier()
 
 

@@ -47,7 +47,7 @@ def launch_command(plan: TrainPlan) -> list[str] | None:
     command += ["--num_processes", str(plan.world_size)]
     if settings.num_machines > 1 or not settings.accelerate_config:  # else the YAML's machines
         command += ["--num_machines", str(settings.num_machines)]
-    if settings.machine_rank or not settings.accelerate_config:  # one YAML for every node
+    if settings.machine_rank or settings.num_machines > 1:  # one YAML for every machine: the rank from here
         command += ["--machine_rank", str(settings.machine_rank)]
     if settings.main_process_port is not None:  # on one machine too: the port a scheduler picked
         command += ["--main_process_port", str(settings.main_process_port)]

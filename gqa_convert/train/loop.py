@@ -10,6 +10,7 @@ checkpoint is saved before the export: a failed export is redone by --resume, wi
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -38,10 +39,12 @@ from gqa_convert.train.losses import Weights
 from gqa_convert.train.parallel import DataParallel, FullyShard
 from gqa_convert.train.prepare import WORKER_ENV
 from gqa_convert.train.progress import TrainProgress
-from gqa_convert.train.runtime import Runtime, check_shared_out, report_error, start, stop
+from gqa_convert.train.runtime import Runtime, check_shared_out, die_with_launcher, report_error, start, stop
 from gqa_convert.train.schedule import learning_rate
 from gqa_convert.train.settings import TrainPlan
 
+# how torch.save's zip writer reports a write the filesystem refused (it loses the errno)
+_WRITER_FAILURES = ("PytorchStreamWriter failed", "unexpected pos")
 STRATEGIES = {"ddp": DataParallel, "fsdp2": FullyShard, "deepspeed": DeepSpeedZero3}
 
 
@@ -168,25 +171,32 @@ def report_shares(worker: Worker) -> None:
 
 
 @contextlib.contextmanager
-def writing(what: str, fix: str) -> Iterator[None]:
-    """A full disk or a refused write becomes one line naming what was not written and the fix."""
+def writing(what: str, kept: str, rerun: str = "rerun with --resume") -> Iterator[None]:
+    """A full disk or a refused write becomes one line: what was not written, what is kept, the fix."""
     try:
         yield
-    except Exception as error:
+    except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
         cause = output_error(error)
         if cause is None:
             raise
-        reason = "no space left" if is_disk_full(cause) else cause.strerror or type(cause).__name__
-        where = f" ({cause.filename})" if cause.filename else ""
-        raise GQAConvertError(f"{what} was not written: {reason}{where}; {fix}") from None
+        reason = cause.strerror or str(cause)
+        where = f": {cause.filename}" if cause.filename else ""
+        action = "free space" if is_disk_full(cause) else "check the space and permissions of OUT"
+        if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            action = "make OUT writable"
+        raise GQAConvertError(f"{what} was not written ({reason}{where}); {kept}: {action} and {rerun}") from None
 
 
 def output_error(error: BaseException) -> OSError | None:
     """The OSError behind `error`, also inside torch.distributed.checkpoint's per-rank failures."""
     seen = 0
     while error is not None and seen < 20:
+        if isinstance(error, GQAConvertError):
+            return None  # already one line
         if isinstance(error, OSError):
             return error
+        if isinstance(error, RuntimeError) and any(sign in str(error) for sign in _WRITER_FAILURES):
+            return OSError(None, "a write failed")
         failures = getattr(error, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
         if isinstance(failures, dict):
             for failure in failures.values():
@@ -217,7 +227,7 @@ def train(worker: Worker, state: TrainerState) -> int:
             epoch = new_epoch
         if worker.eval_ids is not None and settings.eval_every and state.step % settings.eval_every == 0:
             record.update(evaluate_now(worker))
-        with writing("metrics.jsonl", "free space and rerun with --resume"):
+        with writing("metrics.jsonl", f"the checkpoint of step {saved} is kept" if saved else "no checkpoint is kept"):
             log(worker, record)
         progress.update(state.step, state.tokens, record["loss"])
         if state.step % settings.save_every == 0 or state.step == worker.plan.steps:
@@ -228,8 +238,8 @@ def train(worker: Worker, state: TrainerState) -> int:
 
 
 def checkpoint(worker: Worker, state: TrainerState, previous: int) -> None:
-    kept = f"the checkpoint of step {previous} is kept" if previous else "no checkpoint was kept"
-    with writing(f"checkpoint step-{state.step:08d}", f"{kept}: free space and rerun with --resume"):
+    kept = f"the checkpoint of step {previous} is kept" if previous else "no checkpoint is kept"
+    with writing(f"checkpoint step-{state.step:08d}", kept):
         save_checkpoint(worker.strategy, worker.out, state, worker.plan)
         if worker.runtime.is_main:
             prune_checkpoints(worker.out, worker.plan.settings.keep_checkpoints)
@@ -239,16 +249,14 @@ def run_worker(plan: TrainPlan) -> None:
     """Set up, resume if asked, train to the step budget, save the final model."""
     runtime = start(plan)
     try:
-        worker = setup(plan, runtime)
-        state = resume(worker)
-        saved = train(worker, state)
+        with writing("a file in OUT", "the last checkpoint is kept"):
+            worker = setup(plan, runtime)
+            state = resume(worker)
+            saved = train(worker, state)
         settings = plan.settings
         if worker.eval_ids is not None and not (settings.eval_every and state.step % settings.eval_every == 0):
             runtime.accelerator.print(f"final eval: {evaluate_now(worker)}")
-        with writing(
-            "the final model",
-            f"the checkpoint of step {saved} is kept: free space and rerun with --resume to export it",
-        ):
+        with writing("the final model", f"the checkpoint of step {saved} is kept", "rerun with --resume to export it"):
             export_model(worker.strategy, plan, state.step, state.tokens)
     finally:
         stop(runtime)
@@ -256,6 +264,7 @@ def run_worker(plan: TrainPlan) -> None:
 
 def main() -> int:
     """Entry point of a launched worker: a user error goes to the launching process as one line."""
+    die_with_launcher()
     try:
         run_worker(TrainPlan.from_json(os.environ[WORKER_ENV]))
     except GQAConvertError as error:

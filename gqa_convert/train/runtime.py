@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -126,6 +128,19 @@ def _reads(path: Path, token: str) -> bool:
         return path.read_text() == token
     except OSError:
         return False
+
+
+def die_with_launcher() -> None:
+    """A launched worker stops when its launcher dies (kill -9 of gqa-convert): torch's launcher starts
+    workers in sessions of their own, which would otherwise train on unattended."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before the request took effect
+        os._exit(1)
 
 
 def report_error(message: str) -> None:

@@ -1,0 +1,126 @@
+"""Choosing the strategy: --strategy and the YAML's distributed_type agree or the run is refused in one
+line, nothing runs silently as something else; the launch command for each; the worker refuses a
+launcher that set up sharding of its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.train.checkpoints import TRAINER_STATE, check_compatible, run_identity
+from gqa_convert.train.launch import launch_command
+from gqa_convert.train.settings import TrainPlan, TrainSettings
+from gqa_convert.train.strategy import resolve_strategy
+
+from test_bad_input import fails
+from tiny_models import build_trainable
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+
+
+def settings(**extra: object) -> TrainSettings:
+    return TrainSettings(model="m", out="o", data="d", **extra)
+
+
+def yaml_file(tmp_path: Path, **config: object) -> str:
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_strategy_from_the_flag_and_the_yaml():
+    assert resolve_strategy(settings()) == "ddp"
+    assert resolve_strategy(settings(strategy="fsdp2")) == "fsdp2"
+    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "fsdp2.yaml"))) == "fsdp2"
+    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "fsdp2.yaml"), strategy="fsdp2")) == "fsdp2"
+    # a plain multi-process YAML says how many processes, not how to shard
+    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "two_node.yaml"), strategy="fsdp2")) == "fsdp2"
+    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "multi_gpu_ddp.yaml"))) == "ddp"
+
+
+@pytest.mark.parametrize(
+    "config, strategy, expected",
+    [
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}}, "ddp", "conflicts with"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 1}}, "auto", "FSDP version 1"),
+        ({"distributed_type": "FSDP"}, "fsdp2", "FSDP version 1"),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}, "auto", "stage 2"),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "auto", "needs GPUs"),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "fsdp2", "conflicts with"),
+        ({"distributed_type": "MULTI_GPU"}, "deepspeed", "configs/deepspeed_zero3.yaml"),
+        ({"distributed_type": "XLA"}, "auto", "not supported"),
+    ],
+)
+def test_refused_choices(tmp_path, config, strategy, expected):
+    with pytest.raises(GQAConvertError, match=expected):
+        resolve_strategy(settings(accelerate_config=yaml_file(tmp_path, **config), strategy=strategy))
+
+
+def test_yaml_settings_not_applied_are_named(tmp_path):
+    config = {
+        "distributed_type": "FSDP",
+        "mixed_precision": "bf16",
+        "fsdp_config": {"fsdp_version": 2, "fsdp_offload_params": True},
+    }
+    with pytest.warns(UserWarning, match=r"ignored: mixed_precision bf16 .*; fsdp_offload_params: True"):
+        resolve_strategy(settings(accelerate_config=yaml_file(tmp_path, **config)))
+
+
+def test_refused_before_any_work(tmp_path):
+    model = tmp_path / "model"
+    build_trainable(model, "llama")
+    out = tmp_path / "out"
+    args = ["uptrain", model, "-o", out, "--data", SAMPLE, "--seq-len", 32, "--tokens", 1024]
+    fails([*args, "--accelerate-config", CONFIGS / "fsdp2.yaml", "--strategy", "ddp"], "conflicts with", "fsdp2")
+    fails([*args, "--accelerate-config", CONFIGS / "deepspeed_zero3.yaml"], "DeepSpeed needs GPUs")
+    assert not out.exists()
+
+
+def plan(strategy: str, world: int, accum: int = 1, **extra: object) -> TrainPlan:
+    return TrainPlan(settings(**extra), world, accum, 10, "", "train-x.tokens", strategy=strategy)
+
+
+def test_launch_commands():
+    assert launch_command(plan("ddp", 1)) is None and launch_command(plan("fsdp2", 1)) is None  # this process
+    command = launch_command(plan("fsdp2", 2, accelerate_config=str(CONFIGS / "fsdp2.yaml"), num_processes=2))
+    # the FSDP YAML gives processes and machines; --multi_gpu keeps Accelerate from applying FSDP itself
+    assert command[command.index("--config_file") + 1].endswith("fsdp2.yaml") and "--multi_gpu" in command
+    assert command[command.index("--num_processes") + 1] == "2" and command[-2:] == ["-m", "gqa_convert.train.loop"]
+    command = launch_command(plan("ddp", 4, main_process_port=20123))
+    assert command[command.index("--main_process_port") + 1] == "20123"  # one machine: the port still applies
+    assert "--main_process_port" not in launch_command(plan("ddp", 4))
+    command = launch_command(plan("deepspeed", 1, accelerate_config=str(CONFIGS / "deepspeed_zero3.yaml")))
+    assert command is not None and "--multi_gpu" not in command  # Accelerate builds the DeepSpeed plugin
+    command = launch_command(plan("fsdp2", 4, num_machines=2, machine_rank=1, main_process_ip="10.0.0.1"))
+    for flag, value in [("--num_machines", "2"), ("--machine_rank", "1"), ("--rdzv_backend", "c10d")]:
+        assert command[command.index(flag) + 1] == value
+
+
+def test_a_worker_refuses_sharding_the_launcher_set_up(monkeypatch):
+    from gqa_convert.train.runtime import start
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(GQAConvertError, match="the launcher set up FSDP but this run's strategy is fsdp2"):
+        start(plan("fsdp2", 2))
+
+
+def test_world_size_may_change_except_under_deepspeed(tmp_path):
+    """DCP reshards onto another world size; DeepSpeed's partitioned files are refused in one line."""
+    for strategy in ("fsdp2", "deepspeed"):
+        folder = tmp_path / strategy / "step-00000010"
+        folder.mkdir(parents=True)
+        state = {"step": 10, "tokens": 0, "run": run_identity(plan(strategy, 8))}
+        (folder / TRAINER_STATE).write_text(json.dumps(state))
+        smaller = plan(strategy, 4, accum=2)  # the same global batch on half the processes
+        if strategy == "fsdp2":
+            check_compatible(folder, smaller)
+        else:
+            with pytest.raises(GQAConvertError, match="8 processes; this run has 4 processes"):
+                check_compatible(folder, smaller)
+        with pytest.raises(GQAConvertError, match=r"a global batch of 32 sequences.*this run has a global batch of 16"):
+            check_compatible(folder, plan(strategy, 4))
