@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from tiny_models import build_trainable, save_tiny_tokenizer
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+HELDOUT = Path(__file__).parent / "data" / "heldout.txt"
 STEPS, SAVE_EVERY = 24, 4
 ENV = {**os.environ, "CI": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -74,9 +75,11 @@ def models(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def fsdp2_run(models, tmp_path_factory) -> tuple[Path, str]:
-    """2 processes x micro-batch 1 x accumulation 2 (gradients reduced on the last micro-step only)."""
+    """2 processes x micro-batch 1 x accumulation 2 (gradients reduce-scattered into shards each micro-step), with
+    held-out perplexity half-way and at the end (the sharded root's forward)."""
     out = tmp_path_factory.mktemp("fsdp2") / "out"
     extra = ["--strategy", "fsdp2", "--num-processes", 2, "--micro-batch-size", 1, "--grad-accum", 2]
+    extra += ["--eval-data", HELDOUT, "--eval-every", STEPS // 2, "--eval-tokens", 1000]
     return out, run(cli(*models[:1], out, models[1], *extra))
 
 
@@ -129,6 +132,16 @@ def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
         logits = exported(input_ids=ids).logits
         reference = AutoModelForCausalLM.from_pretrained(ddp_run[0])(input_ids=ids).logits
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    # the perplexity the two processes measured at the last step is the exported model's
+    from gqa_convert.data.tokens import open_tokens
+    from gqa_convert.evaluate import perplexity_of
+
+    ids = torch.from_numpy(open_tokens(next((out / "data").glob("eval-*.tokens"))).astype("int64"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "eval_perplexity" in r] == [STEPS // 2, STEPS]
+    expected = perplexity_of(exported, ids, 32)
+    assert logged[-1]["eval_tokens"] == expected["tokens"]
+    assert logged[-1]["eval_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
 
 
 def test_fsdp2_sigkill_then_resume_on_two_and_on_one_process(models, fsdp2_run, tmp_path):
@@ -147,11 +160,11 @@ def test_fsdp2_sigkill_then_resume_on_two_and_on_one_process(models, fsdp2_run, 
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) > SAVE_EVERY:
             break
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the command, its launcher and (they follow it) the workers
+    os.kill(process.pid, signal.SIGKILL)  # kill -9 of the command alone: its launcher and workers follow it
     process.wait()
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert SAVE_EVERY < done < STEPS, "the run must be killed between a checkpoint and its end"
-    time.sleep(1)
+    time.sleep(3)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == done, "workers outlived the kill"
     shutil.copytree(out, tmp_path / "to-one")
 

@@ -101,6 +101,23 @@ def test_settings_that_may_change_resume_and_a_finished_run_only_exports(model_d
         assert torch.equal(exported[name], tensor), name
 
 
+def test_a_ddp_checkpoint_resumes_under_fsdp2(model_dir, finished, tmp_path):
+    """The same checkpoint format: full tensors are resharded into FSDP2's shards."""
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000008")
+    result = runner.invoke(
+        app, [str(a) for a in ["uptrain", model_dir, "-o", out, *ARGS, "--resume", "--strategy", "fsdp2"]]
+    )
+    assert result.exit_code == 0, result.output
+    assert "resumed from step-00000006" in result.output and "fsdp2 rank 0/1 holds" in result.output
+    for a, b in zip(metrics(finished), metrics(out)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(finished).state_dict().items():
+        torch.testing.assert_close(final[name], tensor, atol=1e-5, rtol=1e-4)
+
+
 def test_damaged_checkpoints_are_skipped_and_a_torn_metrics_line_tolerated(model_dir, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)

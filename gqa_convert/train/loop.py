@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from gqa_convert.train.losses import Weights
 from gqa_convert.train.parallel import DataParallel, FullyShard
 from gqa_convert.train.prepare import WORKER_ENV
 from gqa_convert.train.progress import TrainProgress
-from gqa_convert.train.runtime import Runtime, check_shared_out, die_with_launcher, report_error, start, stop
+from gqa_convert.train.runtime import Runtime, check_shared_out, die_with_parent, report_error, start, stop
 from gqa_convert.train.schedule import learning_rate
 from gqa_convert.train.settings import TrainPlan
 
@@ -264,12 +265,16 @@ def run_worker(plan: TrainPlan) -> None:
 
 def main() -> int:
     """Entry point of a launched worker: a user error goes to the launching process as one line."""
-    die_with_launcher()
+    die_with_parent()
     try:
         run_worker(TrainPlan.from_json(os.environ[WORKER_ENV]))
     except GQAConvertError as error:
         report_error(str(error))
         return 2
+    finally:
+        # free the sharded modules and their process-group references now: left to the interpreter's
+        # final collection, gloo's worker threads may abort the process after a successful run
+        gc.collect()
     return 0
 
 

@@ -120,7 +120,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             logits, tanh = head.logits(h)
             log_norm = torch.logsumexp(logits, dim=-1)
             lm_sum += ((log_norm - logits.gather(1, target[:, None]).squeeze(1)) * ok).sum()
-            grad = torch.exp(logits - log_norm[:, None])  # softmax
+            grad = logits.sub(log_norm[:, None]).exp_()  # softmax
             grad.scatter_add_(1, target[:, None], torch.full_like(log_norm[:, None], -1.0))  # - one-hot
             grad.mul_((lm_scale * ok)[:, None])
             if teacher_hidden is not None:
@@ -152,18 +152,21 @@ def _add_kd_gradient(
     weights: Weights,
     kd_scale: torch.Tensor | float,
 ) -> torch.Tensor:
-    """Adds the KL gradient to grad (d loss / d student logits); returns the chunk's summed KL.
-    Consumes `logits` (divided in place by T)."""
+    """Adds the KL gradient to grad (d loss / d student logits); returns the chunk's summed KL. Works in
+    the buffers of `logits` and of the teacher's logits (log-softmax in place): few chunk-sized tensors."""
+    student_log_p = _log_softmax_(logits.div_(weights.temperature))
     with torch.no_grad():
         teacher_logits, _ = teacher_head.logits(teacher_hidden)
-    teacher_log_p = torch.log_softmax(teacher_logits.div_(weights.temperature), dim=-1)
-    del teacher_logits
-    student_log_p = torch.log_softmax(logits.div_(weights.temperature), dim=-1)
+    teacher_log_p = _log_softmax_(teacher_logits.div_(weights.temperature))
     teacher_p = teacher_log_p.exp()
     kl = teacher_log_p.sub_(student_log_p).mul_(teacher_p).sum()
-    del teacher_log_p
+    del teacher_log_p, teacher_logits
     grad.add_(student_log_p.exp_().sub_(teacher_p), alpha=float(kd_scale))
     return kl
+
+
+def _log_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 class _Grads:

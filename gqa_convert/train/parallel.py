@@ -203,8 +203,8 @@ class FullyShard(DataParallel):
         return student  # sharded while loading
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
-        # accumulate unsharded gradients locally; reduce-scatter on the last micro-step
-        self.model.set_requires_gradient_sync(last)
+        # gradients are reduce-scattered after every micro-step and accumulate in their shards: skipping
+        # the reduction would hold every layer's whole gradient until the last one (no sharding left)
         return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -32,7 +32,6 @@ class Runtime:
     rank: int
     world: int
     precision: str  # no, bf16 or fp16
-    owns_group: bool  # a one-process group made here, destroyed by stop()
 
     @property
     def is_main(self) -> bool:
@@ -73,8 +72,7 @@ def start(plan: TrainPlan) -> Runtime:
         project_dir=settings.out,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)],
     )
-    owns_group = not dist.is_initialized()
-    if owns_group:
+    if not dist.is_initialized():  # one process, no launcher
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -87,12 +85,13 @@ def start(plan: TrainPlan) -> Runtime:
     in_effect = accelerator.distributed_type.value
     if (in_effect == "DEEPSPEED") != deepspeed or in_effect not in ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED"):
         raise GQAConvertError(f"Accelerate set up {in_effect} but this run's strategy is {plan.strategy}")
-    return Runtime(accelerator, accelerator.device, rank, world, precision, owns_group)
+    return Runtime(accelerator, accelerator.device, rank, world, precision)
 
 
 def stop(runtime: Runtime) -> None:
+    """End trackers and the process group (left to the interpreter's exit, gloo's threads may abort it)."""
     runtime.accelerator.end_training()
-    if runtime.owns_group and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -130,16 +129,17 @@ def _reads(path: Path, token: str) -> bool:
         return False
 
 
-def die_with_launcher() -> None:
-    """A launched worker stops when its launcher dies (kill -9 of gqa-convert): torch's launcher starts
-    workers in sessions of their own, which would otherwise train on unattended."""
+def die_with_parent(signal_number: int = signal.SIGKILL) -> None:
+    """This process gets `signal_number` when its parent dies (Linux). Set in the launcher (SIGTERM: it
+    stops its workers) and in each worker (SIGKILL): killing gqa-convert, even with SIGKILL, stops the
+    whole run, where torch's launcher alone leaves workers, in sessions of their own, training on."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher died before the request took effect
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal_number)
+    if os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
 
 
