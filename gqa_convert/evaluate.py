@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.sources import check_model_folder, load_tokenizer
+from gqa_convert.io.sources import load_causal_lm, load_tokenizer, model_config
 
 
 @torch.no_grad()
@@ -76,17 +76,16 @@ class EvalOptions:
 
 
 def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
-    """Load a transformers folder and its tokenizer, and measure perplexity on `data`."""
-    from transformers import AutoModelForCausalLM
+    """Load a transformers folder (or a .gguf file) and its tokenizer, and measure perplexity on `data`."""
     from transformers.utils import logging as transformers_logging
 
     options = options or EvalOptions()
-    config = check_model_folder(Path(model_path))
+    config = model_config(model_path)
     check_seq_len(options.seq_len, config)
     text = read_text(data, options.text_column)
     ids = tokenize_text(load_tokenizer(model_path), text, options.max_tokens)
     transformers_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, options.dtype))
+    model = load_causal_lm(model_path, dtype=getattr(torch, options.dtype))
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = perplexity_of(model.to(device), ids, options.seq_len, options.batch_size)
     return {"model": str(model_path), "data": str(data), "seq_len": options.seq_len, **result}

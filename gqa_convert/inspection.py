@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gqa_convert.arch import architecture_for, head_dim_of, kv_cache_bytes_per_token, kv_heads_of, valid_kv_heads
+from gqa_convert.arch import (
+    architecture_for,
+    check_head_counts,
+    head_dim_of,
+    kv_cache_bytes_per_token,
+    kv_heads_of,
+    valid_kv_heads,
+)
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.gguf import gguf_config, gguf_tensor_summary, is_gguf
 from gqa_convert.io.sources import open_checkpoint
@@ -37,8 +44,10 @@ def _summary(source: str | Path, options: InspectOptions) -> tuple[Any, Any, int
     path = Path(source)
     if is_gguf(path):
         config = gguf_config(path)
+        arch = architecture_for(config.to_dict())
+        check_head_counts(config, arch)
         parameters, dtype = gguf_tensor_summary(path)
-        return config, architecture_for(config.to_dict()), parameters, dtype
+        return config, arch, parameters, dtype
     checkpoint = open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
     parameters = sum(info.nbytes // info.dtype.itemsize for info in checkpoint.tensors.values())
     by_bytes: Counter[str] = Counter()
