@@ -76,7 +76,7 @@ def _check_not_source(out: Path, source: Path) -> None:
 
 
 def _check_writable(out: Path, in_place: bool) -> None:
-    existing = next(folder for folder in (out.parent, *out.parents) if folder.exists())
+    existing = next(folder for folder in out.parents if folder.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise GQAConvertError(f"cannot write in {existing} (permission denied or read-only): choose another folder")
     if in_place and out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
