@@ -3,14 +3,16 @@ validate themselves) and calls one library function."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +21,7 @@ import typer
 import typer.core
 
 from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
@@ -64,19 +66,55 @@ _METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" f
 _GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands so that it unwinds like Ctrl-C (staged output removed)."""
+
+
+# What an interruption leaves, per command.
+_INTERRUPTED = {
+    "pool": "nothing was written to the output folder",
+    "expand": "nothing was written to the output folder",
+    "uptrain": "rerun with --resume to continue from the last checkpoint",
+}
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input: one line on stderr and exit 2, no traceback."""
+    """Bad input: one line on stderr and exit 2, no traceback. Ctrl-C and SIGTERM: one line, exit
+    130 and 143, after the staged output was removed."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+        warnings.formatwarning = lambda message, category, *rest: f"warning: {one_line(message)}\n"
+        note = _INTERRUPTED.get(command.__name__)
         try:
-            return command(*args, **kwargs)
+            with _sigterm_unwinds():
+                return command(*args, **kwargs)
         except GQAConvertError as error:
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(2) from None
+        except Terminated:
+            typer.echo("terminated" + (f"; {note}" if note else ""), err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written to the output folder", err=True)
+            typer.echo("interrupted" + (f"; {note}" if note else ""), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -85,6 +123,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # datasets logs a file it cannot parse as an error of its own; our one line says so instead
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # read when datasets is first imported
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -238,7 +279,7 @@ def uptrain(
 @app.command("eval")
 @_user_errors
 def evaluate(
-    model: str = typer.Argument(..., help="a transformers folder"),
+    model: str = typer.Argument(..., help="a transformers folder or a .gguf file"),
     data: str = typer.Option(..., help="a text file (or table file / folder with --text-column)"),
     seq_len: int = typer.Option(2048, help="window length"),
     max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.errors import GQAConvertError, one_line
 
 TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _CHECKED_BYTES = 1 << 16  # the head of each text file is checked for UTF-8 before any work
@@ -121,8 +121,21 @@ def _load_hub(name: str, data_config: str | None, split: str) -> Any:
         ) from None
 
 
+def _rows(rows: Any, where: object) -> Iterator[Any]:
+    """The rows of a dataset; a row that cannot be parsed (a malformed JSON line) is an error naming the file."""
+    iterator = iter(rows)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except Exception as error:  # datasets and pyarrow raise many types for malformed files
+            raise GQAConvertError(f"{where} could not be read ({one_line(error)[:300]}): fix the file") from None
+        yield row
+
+
 def _column(rows: Any, text_column: str, where: object) -> Iterator[str]:
-    for row in rows:
+    for row in _rows(rows, where):
         if text_column not in row:
             raise GQAConvertError(
                 f"{where} has no column '{text_column}' (columns: {', '.join(row)}): pass --text-column"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from gqa_convert.data.text import iter_documents
 from gqa_convert.data.tokens import data_fingerprint, tokenize_to_file
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.output import clear_output_folder, remove_stale_work, work_folder
 from gqa_convert.io.sources import load_tokenizer
 from gqa_convert.train.budget import resolve_budget
 from gqa_convert.train.settings import TrainPlan, TrainSettings, check_settings, world_size
@@ -79,8 +79,8 @@ def _tokenize_all(
 
 def _move_into(staging: Path, out: Path, settings: TrainSettings) -> Path:
     """OUT/data, filled from the staging folder (OUT replaced first with --force)."""
-    if settings.force and not settings.resume and out.exists():
-        shutil.rmtree(out)
+    if settings.force and not settings.resume:
+        clear_output_folder(out)  # only an empty folder or one this tool wrote
     data_dir = out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     for file in staging.iterdir():
@@ -110,7 +110,8 @@ def prepare(settings: TrainSettings) -> TrainPlan:
     out.parent.mkdir(parents=True, exist_ok=True)
     reuse = None if settings.force and not settings.resume else out / "data"  # --force starts afresh
     need = (budget.global_batch_tokens if settings.dry_run else budget.tokens) + settings.seq_len
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.data-", dir=out.parent))
+    remove_stale_work(out)
+    staging = work_folder(out, "data")
     train_name, eval_name = _tokenize_all(settings, tokenizer, reuse, staging, need)
     data_dir = staging if settings.dry_run else _move_into(staging, out, settings)
     return TrainPlan(

@@ -159,7 +159,9 @@ def check_settings(settings: TrainSettings) -> Any:
     check_output_folder(
         Path(settings.out),
         model,
-        settings.resume or settings.force,
+        settings.force,
+        resume=settings.resume,
+        in_place=True,
         fix="pass --resume to continue it or --force to replace it",
     )
     return config
