@@ -20,6 +20,8 @@ HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 PORT=${PORT:-29500}
 WORLD=$((SLURM_NNODES * GPUS_PER_NODE))
 
+# DATA: best a token folder made once by `gqa-convert tokenize`; raw data is tokenized by the first node
+# while the others wait for it (up to --timeout-minutes without progress; pass it in EXTRA_ARGS).
 # --resume: a fresh OUT starts at step 0, a requeued job continues from its last checkpoint.
 # SLURM_NODEID is evaluated on each node, inside srun.
 srun --kill-on-bad-exit=1 bash -c "gqa-convert uptrain '$MODEL' -o '$OUT' --data '$DATA' --tokens '$TOKENS' \

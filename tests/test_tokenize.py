@@ -270,3 +270,41 @@ def test_the_shuffle_memory_does_not_grow_with_the_number_of_blocks(tmp_path):
     # the shards are mapped (the tokens themselves); beside them nothing has an entry per block
     besides_shards = {name: value for name, value in vars(blocks).items() if name != "stream"}
     assert _largest(besides_shards) == 6 and len(blocks.stream.starts) == 3
+
+
+def test_the_command_line(tokenizer_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gqa_convert.cli import app
+
+    data = tmp_path / "corpus.txt"
+    data.write_text(corpus_text(50))
+    command = ["tokenize", str(data), "-o", str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir)]
+    result = CliRunner().invoke(app, command)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["tokens"] == read_manifest(tmp_path / "tokens")["tokens"] > 0 and summary["shards"] == 1
+    for extra, message in (("--num-proc=0", "--num-proc must be at least 1"), ("--max-tokens=lots", "not understood")):
+        result = CliRunner().invoke(app, [*command, extra])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_the_smollm2_gguf_tokenizer_is_the_converted_folders_and_ranges_equal_one_call(tmp_path):
+    """The GGUF's tokenizer and the one `expand` writes beside the weights share the fingerprint, and
+    the real byte-level BPE gives the same ids in ranges as for the whole file."""
+    from gqa_convert.data.manifest import check_tokenizer
+    from gqa_convert.surgery.convert import expand
+
+    from real_model import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    expand(gguf, tmp_path / "mha")
+    text = corpus_text(2500)
+    (tmp_path / "corpus.txt").write_bytes(text.encode())
+    options = TokenizeOptions(tokenizer=str(gguf), unit_bytes=UNIT, num_proc=2, progress=False)
+    result = tokenize(str(tmp_path / "corpus.txt"), tmp_path / "tokens", options)
+    converted = AutoTokenizer.from_pretrained(tmp_path / "mha")
+    check_tokenizer(read_manifest(tmp_path / "tokens"), converted, "tokens", "mha")  # raises if they differ
+    assert len(result["shards"]) > 4 and result["dtype"] == "uint16"
+    assert shard_ids(tmp_path / "tokens") == encode(converted, text) + [converted.eos_token_id]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gqa_convert.errors import GQAConvertError
 from gqa_convert.train.settings import TrainSettings
 
 POLL_S = 2.0
+_RAW_ONLY = {"text_column": "text", "data_config": None, "split": "train"}  # settings of raw data only
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,17 @@ def plan_data(
 ) -> RunData:
     """Where `data`'s tokens are (a given token folder, checked) or will be (OUT/data/<fingerprint>)."""
     if is_token_folder(data):
-        check_tokenizer(read_manifest(data), info.tokenizer, data, settings.model)
+        ignored = [
+            f"--{name.replace('_', '-')}" for name, default in _RAW_ONLY.items() if getattr(settings, name) != default
+        ]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} ignored: {data} is already tokenized", stacklevel=2)
+        manifest = read_manifest(data)
+        check_tokenizer(manifest, info.tokenizer, data, settings.model)
         folder = Path(data).resolve()
         if settings.force and not settings.resume and out in folder.parents:
             raise GQAConvertError(f"{data} is inside {out}, which --force replaces: move it out of {out} first")
+        check_count(manifest, RunData(data, folder, min_tokens, None), settings)
         return RunData(data, folder, min_tokens, None)
     job = {**describe_job(data, info, _options(settings, max_tokens)), "head": head}
     return RunData(data, out / "data" / job_fingerprint(job), min_tokens, max_tokens, job, head)
