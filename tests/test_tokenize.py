@@ -4,6 +4,7 @@ block stream across shards, and the per-epoch order: a bijection, a pure functio
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
@@ -174,6 +175,16 @@ def test_reruns_outputs_and_bad_input(tokenizer_dir, tmp_path):
     listed = capped["shards"]
     assert sum(s["tokens"] for s in listed[:-1]) < 5000 <= capped["tokens"] < first["tokens"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", *(s["file"] for s in listed)])
+
+    staging = tmp_path / ".busy.partial"  # a run in progress holds the lock of its staging folder
+    staging.mkdir()
+    with open(staging / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(GQAConvertError, match="another tokenization is writing"):
+            tokenize(str(data), tmp_path / "busy", options(tokenizer_dir, force=True))
+    assert [p.name for p in staging.iterdir()] == [".lock"], "the other run's folder is left alone"
+    staging.joinpath(".lock").unlink()
+    staging.rmdir()
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"content": "hello"}\n')

@@ -119,28 +119,28 @@ def finished_manifest(final: Path, job: dict[str, Any]) -> dict[str, Any] | None
 
 
 @contextlib.contextmanager
-def _locked(staging: Path) -> Iterator[None]:
+def _staging_for(staging: Path, job: dict[str, Any], force: bool) -> Iterator[None]:
+    """The staging folder, locked against a second run: fresh, or the one an interrupted run of the
+    same job left (resumed). Another job's unfinished folder is cleared only with force."""
+    if staging.exists() and not (staging / JOB_FILE).is_file() and any(p.name != ".lock" for p in staging.iterdir()):
+        raise GQAConvertError(f"{staging} exists and was not written by gqa-convert tokenize: move it away")
+    staging.mkdir(parents=True, exist_ok=True)
     with open(staging / ".lock", "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise GQAConvertError(f"another tokenization is writing {staging}: wait for it to end") from None
+        job_file = staging / JOB_FILE
+        if job_file.is_file() and json.loads(job_file.read_text()) != job:
+            if not force:
+                raise GQAConvertError(
+                    f"{staging} holds an unfinished tokenization of other data or settings: pass --force to start again"
+                )
+            for path in staging.iterdir():
+                if path.name != ".lock":
+                    path.unlink()
+        write_json_atomic(job_file, job)
         yield
-
-
-def _open_staging(staging: Path, job: dict[str, Any], force: bool) -> None:
-    """A fresh staging folder, or the one an interrupted run of the same job left (resumed)."""
-    job_file = staging / JOB_FILE
-    if staging.exists() and not job_file.is_file() and any(staging.iterdir()):
-        raise GQAConvertError(f"{staging} exists and was not written by gqa-convert tokenize: move it away")
-    if job_file.is_file() and json.loads(job_file.read_text()) != job:
-        if not force:
-            raise GQAConvertError(
-                f"{staging} holds an unfinished tokenization of other data or settings: pass --force to start again"
-            )
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(job_file, job)
 
 
 def _finalize(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
@@ -185,9 +185,8 @@ def write_token_folder(
     units = plan_units(data, options.columns, job["unit_bytes"])
     check_backend_matches(info)
     staging = staging_of(final)
-    _open_staging(staging, job, options.force)
-    try:
-        with _locked(staging):
+    with _staging_for(staging, job, options.force):
+        try:
             records = {u.index: r for u in units if (r := finished_record(staging, u.index, info.dtype.itemsize))}
             resumed = len(records)
             shard_job = ShardJob(
@@ -196,17 +195,17 @@ def write_token_folder(
             todo = [unit for unit in units if unit.index not in records]
             enough = lambda: _prefix(units, records, options.max_tokens) is not None  # noqa: E731
             run_units(todo, shard_job, records, options.num_proc, options.progress, enough)
-            listed = _prefix(units, records, options.max_tokens)
-            assert listed is not None, "every unit of the listed run is done"
-            shards = [records[unit.index] for unit in listed]
-            source = {**job["source"], "units": len(units), "units_used": len(listed)}
-            manifest = build_manifest(
-                shards, info.identity, info.dtype.name, source, max_tokens=options.max_tokens, job=job
-            )
-            _finalize(staging, final, manifest)
-    except GQAConvertError:
-        shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun with fixed data is another job
-        raise
+        except GQAConvertError:
+            shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun with fixed data is another job
+            raise
+        listed = _prefix(units, records, options.max_tokens)
+        assert listed is not None, "every unit of the listed run is done"
+        source = {**job["source"], "units": len(units), "units_used": len(listed)}
+        shards = [records[unit.index] for unit in listed]
+        manifest = build_manifest(
+            shards, info.identity, info.dtype.name, source, max_tokens=options.max_tokens, job=job
+        )
+        _finalize(staging, final, manifest)
     return {**manifest, "seconds": round(time.perf_counter() - started, 3), "resumed_units": resumed}
 
 
