@@ -319,3 +319,27 @@ def test_the_smollm2_gguf_tokenizer_is_the_converted_folders_and_ranges_equal_on
     check_tokenizer(read_manifest(tmp_path / "tokens"), converted, "tokens", "mha")  # raises if they differ
     assert len(result["shards"]) > 4 and result["dtype"] == "uint16"
     assert shard_ids(tmp_path / "tokens") == encode(converted, text) + [converted.eos_token_id]
+
+
+def test_the_job_is_the_same_wherever_the_corpus_is_mounted(tokenizer_dir, tokenizer, tmp_path):
+    """Machines that mount a shared corpus at different paths agree on OUT/data/<fingerprint>; a
+    changed file changes it."""
+    import shutil
+
+    from gqa_convert.data.manifest import tokenizer_info
+    from gqa_convert.data.tokenize import describe_job, job_fingerprint
+
+    here = tmp_path / "mnt-a" / "corpus"
+    here.mkdir(parents=True)
+    (here / "x.txt").write_text(corpus_text(20))
+    (here / "y.txt").write_text(corpus_text(30))
+    there = Path(shutil.copytree(here, tmp_path / "mnt-b" / "corpus"))  # copies keep their mtimes
+    info = tokenizer_info(tokenizer)
+
+    def fingerprint(data: Path) -> str:
+        return job_fingerprint(describe_job(str(data), info, options(tokenizer_dir)))
+
+    assert fingerprint(here) == fingerprint(there)
+    stat = (there / "y.txt").stat()
+    os.utime(there / "y.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert fingerprint(here) != fingerprint(there)

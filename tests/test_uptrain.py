@@ -289,3 +289,17 @@ def test_only_machine_rank_0_tokenizes_and_replaces_out(model_dir, tmp_path):
     prepare(settings(0, out, force=True))
     assert not (out / "checkpoints").exists(), "rank 0 replaces OUT"
     assert shard.stat().st_ino == inode, "the token folder this run uses is kept, not tokenized again"
+
+
+def test_machines_wait_for_each_other_up_to_the_timeout():
+    """--timeout-minutes reaches the rendezvous of several machines (torch's default is 600 s)."""
+    from gqa_convert.train.launch import launch_command
+    from gqa_convert.train.settings import TrainPlan
+
+    settings = TrainSettings(
+        model="m", out="o", data="d", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", timeout_minutes=90
+    )
+    plan = TrainPlan(settings, world_size=16, grad_accum=1, steps=1, budget_origin="", train_tokens="t")
+    command = launch_command(plan)
+    assert command is not None and command[command.index("--rdzv_conf") + 1] == "join_timeout=5400"
+    assert command[command.index("--machine_rank") + 1] == "1"

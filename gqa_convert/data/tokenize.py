@@ -31,7 +31,15 @@ from gqa_convert.data.manifest import (
 )
 from gqa_convert.data.run_units import run_units
 from gqa_convert.data.text import check_data
-from gqa_convert.data.units import Columns, WorkUnit, auto_unit_bytes, corpus_bytes, plan_units, source_signature
+from gqa_convert.data.units import (
+    Columns,
+    WorkUnit,
+    auto_unit_bytes,
+    corpus_bytes,
+    corpus_identity,
+    plan_units,
+    source_signature,
+)
 from gqa_convert.data.worker import ShardJob, finished_record
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import check_output_folder
@@ -80,7 +88,7 @@ def describe_job(data: str, info: TokenizerInfo, options: TokenizeOptions) -> di
     unit_bytes = options.unit_bytes or auto_unit_bytes(corpus_bytes(data))
     return {
         "format_version": FORMAT_VERSION,
-        "source": source_signature(data, options.columns),
+        "source": corpus_identity(data, options.columns),
         "tokenizer": info.identity["fingerprint"],
         "max_tokens": options.max_tokens,
         "unit_bytes": unit_bytes,
@@ -200,7 +208,7 @@ def write_token_folder(
             raise
         listed = _prefix(units, records, options.max_tokens)
         assert listed is not None, "every unit of the listed run is done"
-        source = {**job["source"], "units": len(units), "units_used": len(listed)}
+        source = {**source_signature(data, options.columns), "units": len(units), "units_used": len(listed)}
         shards = [records[unit.index] for unit in listed]
         manifest = build_manifest(
             shards, info.identity, info.dtype.name, source, max_tokens=options.max_tokens, job=job

@@ -102,7 +102,8 @@ def tokenize_head(
     folder (written beside `folder` and renamed; `job` recorded in its manifest). Returns the manifest."""
     from tokenizers import Tokenizer
 
-    encode = Tokenizer.from_str(info.serialized).encode_batch_fast
+    bare = Tokenizer.from_str(info.serialized)
+    encode = getattr(bare, "encode_batch_fast", bare.encode_batch)
     eos, dtype = info.identity["eos_token_id"], info.dtype.name
     partial = folder.parent / f".{folder.name.lstrip('.')}.partial"
     shutil.rmtree(partial, ignore_errors=True)

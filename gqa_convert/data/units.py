@@ -60,15 +60,24 @@ def corpus_bytes(data: str) -> int:
 
 
 def source_signature(data: str, columns: Columns) -> dict[str, Any]:
-    """What identifies the corpus: each file's resolved path, size and mtime, or the Hub id."""
-    signature: dict[str, Any] = {"data": str(data), **vars(columns)}
-    if is_local(data):
-        signature["files"] = [
-            {"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-            for file in local_files(Path(data))
-            for stat in [file.stat()]
-        ]
-    return signature
+    """What the corpus is: the resolved path (or the Hub id), the columns, and each file's path
+    relative to it, size and mtime."""
+    if not is_local(data):
+        return {"data": str(data), **vars(columns)}
+    root = Path(data).resolve()
+    files = []
+    for file in local_files(root):
+        stat = file.stat()
+        name = file.name if root.is_file() else str(file.relative_to(root))
+        files.append({"path": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return {"data": str(root), **vars(columns), "files": files}
+
+
+def corpus_identity(data: str, columns: Columns) -> dict[str, Any]:
+    """What the tokens depend on, wherever the corpus is mounted: for local data the files' relative
+    paths, sizes and mtimes (machines that mount a shared folder at different paths agree)."""
+    signature = source_signature(data, columns)
+    return {key: value for key, value in signature.items() if key != "data"} if is_local(data) else signature
 
 
 def plan_units(data: str, columns: Columns, unit_bytes: int) -> list[WorkUnit]:
