@@ -33,7 +33,7 @@ def _display(enabled: bool, units: int) -> Iterator[Callable[[int, int], None]]:
         TimeElapsedColumn(),
     )
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True)) as progress:  # the last line stays, also in logs
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("tokenize", total=units, tokens=0, rate=0.0)
 
         def show(tokens: int, done: int) -> None:
