@@ -81,7 +81,7 @@ def measure(model_path: str, options: BenchOptions) -> BenchResult:
     from transformers import AutoModelForCausalLM
 
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(options.dtype, Path(model_path), device)
+    dtype = compute_dtype(options.dtype, check_model_folder(Path(model_path)), device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     vocab = int(model.config.vocab_size)
     generator = torch.Generator().manual_seed(options.seed)

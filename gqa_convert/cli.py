@@ -3,14 +3,16 @@ validate themselves) and calls one library function."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +21,9 @@ import typer
 import typer.core
 
 from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.data.tokenize import TokenizeOptions
+from gqa_convert.data.tokenize import tokenize as run_tokenize
+from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
@@ -30,7 +34,7 @@ from gqa_convert.surgery.methods import METHODS
 from gqa_convert.surgery.options import Calibration, ExpandOptions, PoolOptions
 from gqa_convert.train.launch import uptrain as run_uptrain
 from gqa_convert.train.settings import TrainSettings
-from gqa_convert.units import DTYPE_NAMES
+from gqa_convert.units import DTYPE_NAMES, parse_tokens
 
 
 def _flags_show_no_type() -> None:
@@ -64,19 +68,55 @@ _METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" f
 _GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program stands so that it unwinds like Ctrl-C (staged output removed)."""
+
+
+# What an interruption leaves, per command.
+_INTERRUPTED = {
+    "pool": "nothing was written to the output folder",
+    "expand": "nothing was written to the output folder",
+    "uptrain": "rerun with --resume to continue from the last checkpoint",
+}
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals cannot be caught here
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad input: one line on stderr and exit 2, no traceback."""
+    """Bad input: one line on stderr and exit 2, no traceback. Ctrl-C and SIGTERM: one line, exit
+    130 and 143, after the staged output was removed."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"
+        warnings.formatwarning = lambda message, category, *rest: f"warning: {one_line(message)}\n"
+        note = _INTERRUPTED.get(command.__name__)
         try:
-            return command(*args, **kwargs)
+            with _sigterm_unwinds():
+                return command(*args, **kwargs)
         except GQAConvertError as error:
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(2) from None
+        except Terminated:
+            typer.echo("terminated" + (f"; {note}" if note else ""), err=True)
+            raise typer.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written to the output folder", err=True)
+            typer.echo("interrupted" + (f"; {note}" if note else ""), err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -85,6 +125,9 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # datasets logs a file it cannot parse as an error of its own; our one line says so instead
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # read when datasets is first imported
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 @app.command()
@@ -185,7 +228,8 @@ def uptrain(
     out: Path = typer.Option(..., "--out", "-o", help="output folder: final model, metrics.jsonl, checkpoints/"),
     data: str = typer.Option(
         ...,
-        help="a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow table, a folder of them, or a Hub dataset id",
+        help="a token folder (gqa-convert tokenize), a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow "
+        "table, a folder of them, or a Hub dataset id",
     ),
     tokens: Optional[str] = typer.Option(None, help="token budget, e.g. 50M or 2B (overrides --fraction)"),
     fraction: float = typer.Option(0.05, help="budget as a fraction of the original pre-training tokens"),
@@ -211,7 +255,9 @@ def uptrain(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty OUT"),
     report_to: str = typer.Option("none", help="none, tensorboard or wandb"),
-    eval_data: Optional[str] = typer.Option(None, help="held-out text for perplexity during training"),
+    eval_data: Optional[str] = typer.Option(
+        None, help="held-out text (or token folder) for perplexity during training"
+    ),
     eval_every: int = typer.Option(0, help="steps between evaluations (0: at the end only)"),
     eval_tokens: int = typer.Option(65536, help="tokens of --eval-data used"),
     num_processes: Optional[int] = typer.Option(None, help="processes over all machines (default: every GPU)"),
@@ -229,8 +275,10 @@ def uptrain(
     strategy: str = typer.Option(
         "auto", help="auto (the YAML's sharding, else ddp), ddp, fsdp2 (sharded, CPU or GPU) or deepspeed (ZeRO-3, GPU)"
     ),
-    timeout_minutes: float = typer.Option(60.0, help="how long processes wait for each other in a collective"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
+    timeout_minutes: float = typer.Option(
+        60.0, help="how long a process waits for the others: rank 0's tokenization, rendezvous, collectives"
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="distil from this model (folder or .gguf): the unconverted source"
     ),
@@ -245,10 +293,48 @@ def uptrain(
     typer.echo(json.dumps(result, indent=2 if dry_run else None))
 
 
+@app.command()
+@_user_errors
+def tokenize(
+    data: str = typer.Argument(
+        ...,
+        help="a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow table, a folder of them, or a Hub dataset id",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output token folder (shards and manifest.json)"),
+    tokenizer: str = typer.Option(..., help="a model folder or .gguf file whose tokenizer to use"),
+    num_proc: Optional[int] = typer.Option(None, help="worker processes (default: every core)"),
+    text_column: str = typer.Option("text", help="text column of table data"),
+    data_config: Optional[str] = typer.Option(None, help="Hub dataset configuration"),
+    split: str = typer.Option("train", help="Hub dataset split"),
+    max_tokens: Optional[str] = typer.Option(
+        None, help="stop once the units, in order, hold this many tokens (e.g. 2B)"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace a non-empty OUT, or restart an unfinished run of another job"
+    ),
+) -> None:
+    """Tokenize a corpus once, in parallel, into token shards that uptrain --data reads directly."""
+    options = TokenizeOptions(
+        tokenizer=tokenizer,
+        num_proc=num_proc,
+        text_column=text_column,
+        data_config=data_config,
+        split=split,
+        max_tokens=None if max_tokens is None else parse_tokens(max_tokens),
+        force=force,
+    )
+    _quiet_libraries()
+    result = run_tokenize(data, out, options)
+    summary = {
+        key: result[key] for key in ("tokens", "documents", "dtype", "seconds", "resumed_units") if key in result
+    }
+    typer.echo(json.dumps({"out": str(out), "shards": len(result["shards"]), **summary}))
+
+
 @app.command("eval")
 @_user_errors
 def evaluate(
-    model: str = typer.Argument(..., help="a transformers folder"),
+    model: str = typer.Argument(..., help="a transformers folder or a .gguf file"),
     data: str = typer.Option(..., help="a text file (or table file / folder with --text-column)"),
     seq_len: int = typer.Option(2048, help="window length"),
     max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),

@@ -14,3 +14,8 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
 
 def is_disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def one_line(text: object) -> str:
+    """A message on one line: errors of other libraries often span several."""
+    return " ".join(str(text).split())

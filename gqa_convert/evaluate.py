@@ -13,7 +13,7 @@ import torch
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.sources import check_model_folder, declared_dtype, load_tokenizer
+from gqa_convert.io.sources import load_causal_lm, load_tokenizer, model_config
 
 IGNORE_INDEX = -100  # labels that no loss counts
 
@@ -83,28 +83,31 @@ class EvalOptions:
             raise GQAConvertError(f"--dtype must be one of: {', '.join(EVAL_DTYPES)}")
 
 
-def compute_dtype(setting: str, model_path: Path, device: str) -> torch.dtype:
-    """auto: the dtype the checkpoint declares on a GPU; float32 on a CPU, where half precision is
-    slow and less exact."""
+def compute_dtype(setting: str, config: Any, device: str) -> torch.dtype:
+    """auto: the dtype the model's config declares, on a GPU; float32 on a CPU, where half precision
+    is slow and less exact (and a GGUF, dequantized, declares none)."""
     if setting != "auto":
         return getattr(torch, setting)
-    return declared_dtype(model_path) if device.startswith("cuda") else torch.float32
+    declared = getattr(config, "dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared.removeprefix("torch."), None)
+    usable = isinstance(declared, torch.dtype) and declared.is_floating_point
+    return declared if device.startswith("cuda") and usable else torch.float32
 
 
 def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
-    """Load a transformers folder and its tokenizer, and measure perplexity on `data`."""
-    from transformers import AutoModelForCausalLM
+    """Load a transformers folder (or a .gguf file) and its tokenizer, and measure perplexity on `data`."""
     from transformers.utils import logging as transformers_logging
 
     options = options or EvalOptions()
-    config = check_model_folder(Path(model_path))
+    config = model_config(model_path)
     check_seq_len(options.seq_len, config)
     text = read_text(data, options.text_column)
     ids = tokenize_text(load_tokenizer(model_path), text, options.max_tokens)
     transformers_logging.disable_progress_bar()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(options.dtype, Path(model_path), device)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    dtype = compute_dtype(options.dtype, config, device)
+    model = load_causal_lm(model_path, dtype=dtype)
     result = perplexity_of(model.to(device), ids, options.seq_len, options.batch_size)
     return {
         "model": str(model_path),

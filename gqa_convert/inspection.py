@@ -9,7 +9,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from gqa_convert.arch import architecture_for, head_dim_of, kv_cache_bytes_per_token, kv_heads_of, valid_kv_heads
+from gqa_convert.arch import (
+    architecture_for,
+    check_head_counts,
+    head_dim_of,
+    kv_cache_bytes_per_token,
+    kv_heads_of,
+    valid_kv_heads,
+)
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.gguf import is_gguf
 from gqa_convert.io.gguf_header import gguf_metadata
@@ -41,6 +48,7 @@ def _gguf_summary(path: Path) -> tuple[Any, Any, int, str]:
     kv_heads = meta["num_key_value_heads"]
     # GGUF stores falcon in its grouped layout whatever the count: the new decoder layout
     config = SimpleNamespace(**meta, num_kv_heads=kv_heads, new_decoder_architecture=True, multi_query=False)
+    check_head_counts(config, arch)
     return config, arch, meta["parameters"], f"gguf {meta['main_type']}"
 
 

@@ -98,16 +98,20 @@ def test_output_inside_or_equal_to_source(src):
     assert not (src / "sub").exists()
 
 
-def test_non_empty_output_is_refused_and_untouched_without_force(src, tmp_path):
+def test_non_empty_output_is_refused_and_force_replaces_only_what_this_tool_wrote(src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     fails(["pool", src, "-o", out, "-g", 1], "not empty", "--force")
+    fails(["pool", src, "-o", out, "-g", 1, "--force"], "did not write", "choose a new folder")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
-    result = runner.invoke(app, ["pool", str(src), "-o", str(out), "-g", "1", "--force"])
+    ours = tmp_path / "ours"
+    assert runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "1"]).exit_code == 0
+    fails(["pool", src, "-o", ours, "-g", 2], "not empty", "--force")
+    result = runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "2", "--force"])
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging left
+    assert json.loads((ours / "config.json").read_text())["num_key_value_heads"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out", "src"]  # no staging or lock left
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path):

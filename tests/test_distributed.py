@@ -133,10 +133,12 @@ def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
         reference = AutoModelForCausalLM.from_pretrained(ddp_run[0])(input_ids=ids).logits
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     # the perplexity the two processes measured at the last step is the exported model's
-    from gqa_convert.data.tokens import open_tokens
+    from gqa_convert.data.manifest import read_manifest
+    from gqa_convert.data.tokens import read_head
     from gqa_convert.evaluate import perplexity_of
 
-    ids = torch.from_numpy(open_tokens(next((out / "data").glob("eval-*.tokens"))).astype("int64"))
+    (eval_folder,) = [folder for folder in (out / "data").iterdir() if read_manifest(folder)["job"]["head"]]
+    ids = torch.from_numpy(read_head(eval_folder, 1000))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "eval_perplexity" in r] == [STEPS // 2, STEPS]
     expected = perplexity_of(exported, ids, 32)
@@ -201,9 +203,16 @@ def free_port() -> int:
 
 
 def test_out_folders_that_machines_do_not_share_are_refused(models, tmp_path):
-    """Two machines on this host, each with its own OUT: one line, exit 2, on both."""
+    """Two machines on this host, each with its own OUT: one line, exit 2, on both. The data is a token
+    folder (raw data would have machine rank 1 wait for tokens that never appear in its OUT)."""
+    from gqa_convert.data.tokenize import TokenizeOptions, tokenize
+
+    tokens = tmp_path / "tokens"
+    tokenize(str(SAMPLE), tokens, TokenizeOptions(tokenizer=str(models[0])))
     port = free_port()
     machines = [
+        "--data",
+        tokens,
         "--num-processes",
         2,
         "--num-machines",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
@@ -168,8 +168,9 @@ def test_eval_dtype_auto_and_explicit(model_dir, tmp_path):
     half = tmp_path / "half"
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(half)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(half)
-    assert compute_dtype("auto", half, "cuda") == torch.bfloat16  # what the checkpoint declares, on a GPU
-    assert compute_dtype("auto", half, "cpu") == torch.float32
+    config = AutoConfig.from_pretrained(half)
+    assert compute_dtype("auto", config, "cuda") == torch.bfloat16  # what the checkpoint declares, on a GPU
+    assert compute_dtype("auto", config, "cpu") == torch.float32
     args = ["eval", str(half), "--data", str(SAMPLE), "--seq-len", "64", "--json"]
     auto = json.loads(runner.invoke(app, args).stdout)
     bf16 = json.loads(runner.invoke(app, [*args, "--dtype", "bfloat16"]).stdout)

@@ -125,3 +125,19 @@ def test_inspect_reads_the_gguf_header_only_and_agrees_with_transformers(gguf, t
     truncated.write_bytes(gguf.read_bytes()[:5000])
     with pytest.raises(GQAConvertError, match="truncated or corrupt GGUF header"):
         gguf_metadata(truncated)
+
+
+def test_eval_reads_the_gguf_file_itself(gguf, original):
+    """eval of an existing .gguf file (once "model not found") equals perplexity on transformers' own load."""
+    from typer.testing import CliRunner
+
+    from gqa_convert.cli import app
+
+    model, tokenizer = original
+    args = ["eval", str(gguf), "--data", str(SAMPLE_TEXT), "--seq-len", "64", "--max-tokens", "256", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    expected = perplexity_of(model, tokenize_text(tokenizer, SAMPLE_TEXT.read_text(), max_tokens=256), seq_len=64)
+    reported = json.loads(result.stdout)
+    assert reported["tokens"] == expected["tokens"]
+    assert reported["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)

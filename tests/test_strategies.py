@@ -81,8 +81,17 @@ def test_refused_before_any_work(tmp_path):
     assert not out.exists()
 
 
-def plan(strategy: str, world: int, accum: int = 1, **extra: object) -> TrainPlan:
-    return TrainPlan(settings(**extra), world, accum, 10, "", "train-x.tokens", strategy=strategy)
+def plan(strategy: str, world: int, accum: int = 1, tokens: str = "train-x", **extra: object) -> TrainPlan:
+    return TrainPlan(settings(**extra), world, accum, 10, "", tokens, strategy=strategy)
+
+
+def empty_token_folder(folder: Path) -> str:
+    from gqa_convert.data.manifest import MANIFEST, build_manifest
+
+    folder.mkdir()
+    manifest = build_manifest([], {"eos_token_id": 0}, "uint16", {})
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    return str(folder)
 
 
 def test_launch_commands():
@@ -111,16 +120,17 @@ def test_a_worker_refuses_sharding_the_launcher_set_up(monkeypatch):
 
 def test_world_size_may_change_except_under_deepspeed(tmp_path):
     """DCP reshards onto another world size; DeepSpeed's partitioned files are refused in one line."""
+    tokens = empty_token_folder(tmp_path / "tokens")
     for strategy in ("fsdp2", "deepspeed"):
         folder = tmp_path / strategy / "step-00000010"
         folder.mkdir(parents=True)
-        state = {"step": 10, "tokens": 0, "run": run_identity(plan(strategy, 8))}
+        state = {"step": 10, "tokens": 0, "run": run_identity(plan(strategy, 8, tokens=tokens))}
         (folder / TRAINER_STATE).write_text(json.dumps(state))
-        smaller = plan(strategy, 4, accum=2)  # the same global batch on half the processes
+        smaller = plan(strategy, 4, accum=2, tokens=tokens)  # the same global batch on half the processes
         if strategy == "fsdp2":
             check_compatible(folder, smaller)
         else:
             with pytest.raises(GQAConvertError, match="8 processes; this run has 4 processes"):
                 check_compatible(folder, smaller)
         with pytest.raises(GQAConvertError, match=r"a global batch of 32 sequences.*this run has a global batch of 16"):
-            check_compatible(folder, plan(strategy, 4))
+            check_compatible(folder, plan(strategy, 4, tokens=tokens))

@@ -2,6 +2,7 @@
 for the kv head count."""
 
 from gqa_convert.arch.config_rules import (
+    check_head_counts,
     check_seq_len,
     head_dim_of,
     kv_cache_bytes_per_token,
@@ -22,6 +23,7 @@ __all__ = [
     "QueryTensor",
     "TensorKind",
     "architecture_for",
+    "check_head_counts",
     "check_seq_len",
     "head_dim_of",
     "kv_cache_bytes_per_token",

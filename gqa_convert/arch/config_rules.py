@@ -60,6 +60,29 @@ def write_kv_heads(config_dict: dict[str, Any], config: Any, arch: Architecture,
     KV_CONFIG_RULES[arch.kv_config][1](config_dict, config, arch, kv_heads)
 
 
+def check_head_counts(config: Any, arch: Architecture) -> None:
+    """The counts every computation here divides by: positive integers, kv heads dividing heads."""
+    for name in ("num_attention_heads", "hidden_size", "num_hidden_layers", "head_dim", arch.kv_attribute):
+        value = getattr(config, name, None)
+        optional = name in ("head_dim", arch.kv_attribute)  # absent: derived from the others
+        if not (optional and value is None) and not _is_count(value):
+            raise GQAConvertError(f"the config's {name} is {value!r}: it must be a positive integer; fix config.json")
+    heads, kv_heads = int(config.num_attention_heads), kv_heads_of(config, arch)
+    if heads % kv_heads:
+        raise GQAConvertError(
+            f"the config has {heads} attention heads and {kv_heads} kv heads, which do not divide them: fix config.json"
+        )
+    if getattr(config, "head_dim", None) is None and int(config.hidden_size) % heads:
+        raise GQAConvertError(
+            f"the config's hidden_size {config.hidden_size} is not a multiple of its {heads} heads and it sets no "
+            "head_dim: fix config.json"
+        )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def head_dim_of(config: Any) -> int:
     """Gemma and others set head_dim explicitly (nh*hd may differ from hidden); never assume hidden/nh."""
     head_dim = getattr(config, "head_dim", None)

@@ -92,9 +92,15 @@ UNSUPPORTED: dict[str, str] = {
 def architecture_for(config_dict: dict[str, Any]) -> Architecture:
     """The row for a checkpoint's config.json, or a clear error naming what is supported."""
     model_type = config_dict.get("model_type")
+    supported = ", ".join(sorted(ARCHITECTURES))
+    if not model_type:
+        raise GQAConvertError(
+            f'the config has no model_type: add the architecture, e.g. "model_type": "llama" (supported: {supported})'
+        )
+    if not isinstance(model_type, str):
+        raise GQAConvertError(f"the config's model_type is {model_type!r}, not a name: fix config.json")
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     if model_type in UNSUPPORTED:
         raise GQAConvertError(f"architecture '{model_type}' is not supported: {UNSUPPORTED[model_type]}")
-    supported = ", ".join(sorted(ARCHITECTURES))
     raise GQAConvertError(f"architecture '{model_type}' is not supported; supported: {supported}")

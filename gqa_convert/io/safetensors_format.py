@@ -8,7 +8,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -23,6 +23,9 @@ SAFETENSORS_DTYPES = {
     "I32": torch.int32,
     "I16": torch.int16,
     "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
     "U8": torch.uint8,
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
@@ -54,7 +57,8 @@ def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
-    """Parse and check a safetensors header (no tensor data is read). Sorted by offset."""
+    """Parse and check a safetensors header as the safetensors library does (no tensor data is read):
+    a JSON object of entries whose data lie end to end and fill the file exactly. Sorted by offset."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         raw_length = handle.read(8)
@@ -63,28 +67,70 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         (header_length,) = struct.unpack("<Q", raw_length)
         if header_length > min(size - 8, MAX_HEADER_BYTES):
             raise GQAConvertError(f"{path} has a corrupt header (length {header_length}); re-download it")
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise GQAConvertError(f"{path} has a corrupt header (not JSON); re-download it") from None
+        header = _parse_header(handle.read(header_length), path)
     data_start = 8 + header_length
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            begin, end = (int(x) for x in entry["data_offsets"])
-            shape = tuple(int(x) for x in entry["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise GQAConvertError(f"{path}: tensor '{name}' has a corrupt header entry; re-download it") from None
-        info = TensorInfo(name, shape, dtype, str(path), data_start + begin, data_start + end)
-        if info.end - info.begin != info.nbytes or info.end > size:
-            raise GQAConvertError(
-                f"{path} is truncated or corrupt (tensor '{name}' lies past the end of the file); re-download it"
-            )
-        infos.append(info)
-    return sorted(infos, key=lambda info: info.begin)
+    infos = [_tensor_info(name, entry, path, data_start) for name, entry in header.items() if name != "__metadata__"]
+    infos.sort(key=lambda info: (info.begin, info.end))
+    position = data_start
+    for info in infos:
+        if info.begin != position:
+            what = "overlaps the previous one" if info.begin < position else "leaves a gap before it"
+            raise GQAConvertError(f"{path} is corrupt (the data of tensor '{info.name}' {what}); re-download it")
+        position = info.end
+    if position != size:
+        raise GQAConvertError(
+            f"{path} is truncated or corrupt ({size - data_start} data bytes, the header describes "
+            f"{position - data_start}); re-download it"
+        )
+    return infos
+
+
+def _parse_header(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        header = None
+    if not isinstance(header, dict):
+        raise GQAConvertError(f"{path} has a corrupt header (not a JSON object, or a name twice); re-download it")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise GQAConvertError(f"{path} has a corrupt header (__metadata__ is not text); re-download it")
+    return header
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose names are unique (the safetensors library would keep the last silently)."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("a name appears twice")
+    return result
+
+
+def _tensor_info(name: str, entry: Any, path: Path, data_start: int) -> TensorInfo:
+    corrupt = f"{path}: tensor '{name}' has a corrupt header entry"
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise GQAConvertError(f"{corrupt}; re-download it")
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise GQAConvertError(
+            f"{path}: tensor '{name}' has dtype {entry['dtype']}, which this tool does not handle "
+            f"(it reads {', '.join(SAFETENSORS_DTYPES)})"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not _counts(shape) or not _counts(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise GQAConvertError(f"{corrupt} (shape or data offsets); re-download it")
+    info = TensorInfo(
+        name, tuple(shape), SAFETENSORS_DTYPES[entry["dtype"]], str(path), *(data_start + x for x in offsets)
+    )
+    if info.end - info.begin != info.nbytes:
+        raise GQAConvertError(
+            f"{corrupt} ({info.end - info.begin} bytes for a {list(shape)} {entry['dtype']} tensor); re-download it"
+        )
+    return info
+
+
+def _counts(value: Any) -> bool:
+    """A list of non-negative integers (JSON true/false and floats are not sizes)."""
+    return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
 
 
 def copy_range(src: BinaryIO, dst: BinaryIO, offset: int, length: int) -> None:

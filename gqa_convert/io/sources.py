@@ -16,17 +16,16 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from gqa_convert.arch import Architecture, architecture_for, kv_heads_of
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.arch import Architecture, architecture_for, check_head_counts, kv_heads_of
+from gqa_convert.errors import GQAConvertError, one_line
+from gqa_convert.io.completeness import check_tensor_names
 from gqa_convert.io.gguf import gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
-from gqa_convert.io.safetensors_format import TensorInfo, copy_range, read_safetensors_header
+from gqa_convert.io.safetensors_format import TensorInfo, copy_range
+from gqa_convert.io.weight_files import load_pickle, read_weight_headers
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_INDEXES = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-)
+# Any of these makes AutoTokenizer able to load (a fast tokenizer, sentencepiece, or BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 
 @dataclass
@@ -64,7 +63,7 @@ class Checkpoint:
 
     def _bin_shard(self, file: str) -> dict[str, torch.Tensor]:
         if self._open is None or self._open[0] != file:
-            self._open = (file, torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            self._open = (file, load_pickle(Path(file)))
         return self._open[1]
 
     def kv_heads(self) -> int:
@@ -120,18 +119,30 @@ def read_config(folder: Path) -> tuple[dict[str, Any], Any, Architecture]:
 
     try:
         config = AutoConfig.from_pretrained(folder)
-    except (ValueError, TypeError, KeyError, OSError) as error:
-        raise GQAConvertError(f"{config_path} is not a valid {arch.model_type} config: {error}") from None
+    except Exception as error:  # transformers and its strict dataclasses raise many types
+        raise GQAConvertError(f"{config_path} is not a valid {arch.model_type} config: {one_line(error)}") from None
+    check_head_counts(config, arch)
     return config_dict, config, arch
 
 
 def check_model_folder(folder: Path) -> Any:
     """A transformers folder of a supported architecture with safetensors weights (for training and
-    eval). Returns its config (class defaults resolved)."""
+    eval). Every tensor its config needs must be there. Returns its config (class defaults resolved)."""
+    if is_gguf(folder):
+        raise GQAConvertError(
+            f"{folder} is a GGUF file and this command trains a transformers folder: convert it first, "
+            f"e.g. gqa-convert pool {folder} -o FOLDER --kv-heads N"
+        )
     if not folder.is_dir():
         raise GQAConvertError(f"model not found: {folder} (give a folder written by gqa-convert or transformers)")
-    _, config, _ = read_config(folder)
-    _weight_files(folder, allow_pickle=False)
+    _, config, arch = read_config(folder)
+    kv_heads = kv_heads_of(config, arch)
+    pickle_fix = (
+        "this command reads safetensors; write a safetensors copy once with "
+        f"gqa-convert pool {folder} -o FOLDER --kv-heads {kv_heads} --allow-pickle (the current kv count copies it exactly)"
+    )
+    tensors = read_weight_headers(folder, allow_pickle=False, pickle_fix=pickle_fix)
+    check_tensor_names(config, list(tensors), str(folder))
     return config
 
 
@@ -146,7 +157,11 @@ def declared_dtype(folder: Path) -> torch.dtype:
 def model_config(source: str | Path) -> Any:
     """The transformers config of a model folder or a .gguf file (checked like check_model_folder)."""
     path = Path(source)
-    return gguf_config(path) if is_gguf(path) else check_model_folder(path)
+    if not is_gguf(path):
+        return check_model_folder(path)
+    config = gguf_config(path)
+    check_head_counts(config, architecture_for(config.to_dict()))
+    return config
 
 
 def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> Any:
@@ -164,60 +179,24 @@ def load_tokenizer(source: str | Path | None) -> Any:
     path = Path(str(source))
     if is_gguf(path):
         return gguf_tokenizer(path)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise GQAConvertError(
+            f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save the tokenizer with the model "
+            "(tokenizer.save_pretrained(folder))"
+        )
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise GQAConvertError(f"{path} has no usable tokenizer ({error}): save one with the model") from None
+    except Exception as error:  # transformers raises many types for unusable tokenizer files
+        raise GQAConvertError(f"{path} has no usable tokenizer ({one_line(error)}): save one with the model") from None
 
 
 def _open_folder(folder: Path, source: str, allow_pickle: bool) -> Checkpoint:
     config_dict, config, arch = read_config(folder)
-    tensors: dict[str, TensorInfo] = {}
-    for file in _weight_files(folder, allow_pickle):
-        infos = read_safetensors_header(file) if file.suffix == ".safetensors" else _bin_infos(file)
-        for info in infos:
-            tensors[info.name] = info
+    tensors = read_weight_headers(folder, allow_pickle)
+    check_tensor_names(config, list(tensors), str(folder))
     return Checkpoint(source, config, config_dict, arch, tensors, folder=folder)
-
-
-def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    for index_name, single in _INDEXES:
-        if single.endswith(".bin") and not allow_pickle:
-            if (folder / index_name).exists() or (folder / single).exists():
-                raise GQAConvertError(
-                    f"{folder} has only pickle (.bin) weights, which can run code when loaded: "
-                    "pass --allow-pickle if you trust them (they are read with weights_only=True)"
-                )
-            continue
-        if (folder / index_name).exists():
-            return _indexed_files(folder, index_name)
-        if (folder / single).exists():
-            return [folder / single]
-    ggufs = sorted(folder.glob("*.gguf"))
-    hint = f"; to convert the GGUF, pass the file: {ggufs[0]}" if ggufs else ""
-    raise GQAConvertError(f"{folder} has no model.safetensors (or sharded index){hint}")
-
-
-def _indexed_files(folder: Path, index_name: str) -> list[Path]:
-    try:
-        weight_map = json.loads((folder / index_name).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise GQAConvertError(f"{folder / index_name} is corrupt (no weight_map); re-download it") from None
-    files = [folder / name for name in dict.fromkeys(weight_map.values())]
-    missing = [file.name for file in files if not file.exists()]
-    if missing:
-        raise GQAConvertError(f"{folder} is missing shards listed in {index_name}: {', '.join(missing)}")
-    return files
-
-
-def _bin_infos(file: Path) -> list[TensorInfo]:
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises many types for corrupt pickles
-        raise GQAConvertError(f"{file} could not be read as a weights-only checkpoint: {error}") from None
-    return [TensorInfo(name, tuple(t.shape), t.dtype, str(file)) for name, t in state.items()]
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -240,6 +219,7 @@ def _open_gguf(path: Path) -> Checkpoint:
     config = gguf_config(path)
     config_dict = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
     arch = architecture_for(config_dict)
+    check_head_counts(config, arch)
     model = load_gguf_model(path, config)
     state: dict[str, torch.Tensor] = {}
     seen: set[int] = set()

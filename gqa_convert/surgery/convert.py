@@ -8,10 +8,11 @@ provenance and model card; rename the folder into place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
-import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from gqa_convert.arch import head_dim_of, kv_cache_bytes_per_token, valid_kv_heads, write_kv_heads
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import check_output_folder, staged_output
+from gqa_convert.io.output import check_output_folder, output_lock, staged_output, work_folder
 from gqa_convert.io.portable import portable_config
 from gqa_convert.io.provenance import new_record, write_model_card, write_record
 from gqa_convert.io.side_files import copy_side_files, write_config
@@ -53,41 +54,42 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
     at `out`. Calibrated methods and groupings read `options.calibration` (text of the source's domain)."""
     if options.calibration is not None and options.calibrated:
         check_data(options.calibration.data)
-    checkpoint = _open_for_output(source, Path(out), options)
-    plan = _pool_plan(checkpoint, options)
-    details: dict[str, Any] = {"operation": "pool", "method": options.method, "grouping": options.grouping}
-    details["seed"] = options.seed
-    if not options.calibrated:
-        return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
-    parent = Path(out).resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.calib-", dir=parent))
-    try:
-        assert options.calibration is not None
-        layer_plans, overrides = calibrate_plans(
-            checkpoint, plan, options.merge_method, options.head_grouping, options.calibration, workdir
-        )
-        details["calibration"] = dataclasses.asdict(options.calibration)
-        return _convert(checkpoint, Path(out), Source(checkpoint, plan, layer_plans, overrides), options, details)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with _opened_for_output(source, Path(out), options) as checkpoint:
+        plan = _pool_plan(checkpoint, options)
+        details: dict[str, Any] = {"operation": "pool", "method": options.method, "grouping": options.grouping}
+        details["seed"] = options.seed
+        if not options.calibrated:
+            return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
+        workdir = work_folder(Path(out), "calib")
+        try:
+            assert options.calibration is not None
+            layer_plans, overrides = calibrate_plans(
+                checkpoint, plan, options.merge_method, options.head_grouping, options.calibration, workdir
+            )
+            details["calibration"] = dataclasses.asdict(options.calibration)
+            return _convert(checkpoint, Path(out), Source(checkpoint, plan, layer_plans, overrides), options, details)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = None) -> Conversion:
     """Exact GQA/MQA -> MHA: every query head gets a copy of the kv head it reads."""
     options = options or ExpandOptions()
-    checkpoint = _open_for_output(source, Path(out), options)
-    num_heads, old_kv = int(checkpoint.config.num_attention_heads), checkpoint.kv_heads()
-    if old_kv == num_heads:
-        warnings.warn("the source is already MHA: expand writes an identical copy", stacklevel=2)
-    plan = HeadPlan(num_heads, old_kv, expand_groups(old_kv, num_heads), head_dim_of(checkpoint.config))
-    return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, {"operation": "expand"})
+    with _opened_for_output(source, Path(out), options) as checkpoint:
+        num_heads, old_kv = int(checkpoint.config.num_attention_heads), checkpoint.kv_heads()
+        if old_kv == num_heads:
+            warnings.warn("the source is already MHA: expand writes an identical copy", stacklevel=2)
+        plan = HeadPlan(num_heads, old_kv, expand_groups(old_kv, num_heads), head_dim_of(checkpoint.config))
+        return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, {"operation": "expand"})
 
 
-def _open_for_output(source: str | Path, out: Path, options: ConversionOptions) -> Checkpoint:
+@contextlib.contextmanager
+def _opened_for_output(source: str | Path, out: Path, options: ConversionOptions) -> Iterator[Checkpoint]:
+    """OUT checked (before any slow work) and held for this run, then the source opened and checked."""
     local = Path(source) if Path(source).exists() else None
-    check_output_folder(out, local, options.force)  # before any slow work
-    return open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
+    check_output_folder(out, local, options.force)
+    with output_lock(out):
+        yield open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
 
 
 def _pool_plan(checkpoint: Checkpoint, options: PoolOptions) -> HeadPlan:
@@ -99,6 +101,13 @@ def _pool_plan(checkpoint: Checkpoint, options: PoolOptions) -> HeadPlan:
             f"--kv-heads {options.kv_heads} is not possible for this {origin} model ({num_heads} query heads): "
             f"choose one of {', '.join(map(str, valid))}"
         )
+    if options.kv_heads == old_kv:
+        effect = (
+            "every kv head is redrawn (--method random): the trained K/V weights are replaced by fresh ones"
+            if options.method == "random"
+            else "nothing is merged (every group is one head)"
+        )
+        warnings.warn(f"--kv-heads {old_kv} is the model's current kv head count: {effect}", stacklevel=3)
     return HeadPlan(
         num_heads=num_heads,
         old_kv=old_kv,
@@ -138,7 +147,7 @@ def _convert(
 ) -> Conversion:
     dtype = torch_dtype(options.dtype)
     plan = source.plan
-    with staged_output(out) as staging:
+    with staged_output(out, options.force) as staging:
         label = f"{details['operation']} -> {out.name}"
         files, specs = _write_tensors(source, staging, dtype, options.max_shard_bytes, label)
         write_config(staging, _output_config(checkpoint, plan.new_kv, dtype or _main_float_dtype(specs)))

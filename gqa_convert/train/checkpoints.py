@@ -13,6 +13,7 @@ Saving and loading are collectives (every rank calls them); choosing runs in the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import shutil
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gqa_convert.data.manifest import read_manifest
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.train.settings import TrainPlan
 
@@ -49,6 +51,13 @@ def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:08d}"
 
 
+def token_data_identity(folder: str) -> str:
+    """The tokens a run reads, named by content (token count and shard list), not by where they lie."""
+    manifest = read_manifest(Path(folder))
+    shards = json.dumps(manifest["shards"], sort_keys=True).encode()
+    return f"{manifest['tokens']} tokens, shards {hashlib.sha256(shards).hexdigest()[:16]}"
+
+
 def run_identity(plan: TrainPlan) -> dict[str, Any]:
     """What a resumed run must share with its checkpoint: the data order and the budget are functions of
     these. The world size counts only where the checkpoint cannot be resharded (DeepSpeed)."""
@@ -56,7 +65,7 @@ def run_identity(plan: TrainPlan) -> dict[str, Any]:
     return {
         "seq_len": settings.seq_len,
         "global_batch": plan.global_batch,
-        "data": Path(plan.tokens_file).name,
+        "data": token_data_identity(plan.train_tokens),
         "steps": plan.steps,
         "seed": settings.seed,
         "format": "deepspeed" if plan.strategy == "deepspeed" else "dcp",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
@@ -31,4 +29,4 @@ def micro_batch(blocks: TokenBlocks, plan: TrainPlan, step: int, micro: int, ran
 
 
 def open_blocks(plan: TrainPlan) -> TokenBlocks:
-    return TokenBlocks(Path(plan.tokens_file), plan.settings.seq_len, plan.settings.seed)
+    return TokenBlocks(plan.train_tokens, plan.settings.seq_len, plan.settings.seed)

@@ -55,6 +55,8 @@ def launch_command(plan: TrainPlan) -> list[str] | None:
         command += ["--main_process_port", str(settings.main_process_port)]
     if settings.num_machines > 1:
         command += ["--main_process_ip", str(settings.main_process_ip), "--rdzv_backend", "c10d"]
+        # machines joining apart (rank 0 finishing its preparation last) wait up to --timeout-minutes
+        command += ["--rdzv_conf", f"join_timeout={round(settings.timeout_minutes * 60)}"]
     return command + ["-m", "gqa_convert.train.loop"]
 
 
@@ -126,7 +128,8 @@ def uptrain(settings: TrainSettings) -> dict[str, Any]:
         try:
             return dry_run_plan(plan)
         finally:
-            shutil.rmtree(Path(plan.tokens_file).parent, ignore_errors=True)
+            if plan.scratch:
+                shutil.rmtree(plan.scratch, ignore_errors=True)
     if settings.resume:
         resume_from = choose_resume(plan)
         plan = dataclasses.replace(plan, resume_from=None if resume_from is None else str(resume_from))

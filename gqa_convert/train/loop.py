@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gqa_convert.data.tokens import TokenBlocks, open_tokens
+from gqa_convert.data.tokens import TokenBlocks, read_head
 from gqa_convert.errors import GQAConvertError, is_disk_full
 from gqa_convert.evaluate import perplexity_of
 from gqa_convert.train.checkpoints import (
@@ -69,8 +69,8 @@ def setup(plan: TrainPlan, runtime: Runtime) -> Worker:
     torch.manual_seed(plan.settings.seed)
     strategy = STRATEGIES[plan.strategy](runtime, plan)
     eval_ids = None
-    if plan.eval_tokens_file:
-        eval_ids = torch.from_numpy(open_tokens(Path(plan.eval_tokens_file)).astype("int64"))
+    if plan.eval_tokens:
+        eval_ids = torch.from_numpy(read_head(plan.eval_tokens, plan.settings.eval_tokens))
     if plan.settings.report_to != "none":
         tracked = {k: v for k, v in vars(plan.settings).items() if v is not None}
         runtime.accelerator.init_trackers("gqa-convert", config=tracked)
