@@ -37,6 +37,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
+from gqa_convert.arch import kv_cache_bytes_per_token
 from gqa_convert.evaluate import EvalOptions, evaluate
 
 logging.set_verbosity_error()
@@ -51,13 +52,13 @@ for name in ("gqa3", "mqa-mean", "mqa-aligned", "mqa-uptrained"):
     inputs = tokenizer(prompt, return_tensors="pt")
     answer = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1]:]
     text = tokenizer.decode(answer, skip_special_tokens=True).strip().replace("\n", " ")
-    rows.append((name, model.config.num_key_value_heads, *scores, text))
+    per_token = kv_cache_bytes_per_token(model.config, model.config.num_key_value_heads)  # bf16
+    rows.append((name, model.config.num_key_value_heads, per_token, *scores, text))
 original = rows[0]
 print(f"\n{'model':<15} {'kv heads':>8} {'KV/token':>9} {'held-out ppl':>14} {'other domain':>14}  greedy answer")
-for name, kv, inside, other, text in rows:
-    per_token = 2 * kv * 64 * 30 * 2  # K and V x kv heads x head_dim x layers x 2 bytes (bf16)
-    print(f"{name:<15} {kv:>8} {per_token / 1024:>7.1f}Ki {inside:>8.2f} {inside / original[2]:>4.1f}x "
-          f"{other:>8.2f} {other / original[3]:>4.1f}x  {text[:48]!r}")
+for name, kv, per_token, inside, other, text in rows:
+    print(f"{name:<15} {kv:>8} {per_token / 1024:>7.1f}Ki {inside:>8.2f} {inside / original[3]:>4.1f}x "
+          f"{other:>8.2f} {other / original[4]:>4.1f}x  {text[:48]!r}")
 PY
 
 step "5. bench: what the smaller cache buys at decode time (cache bytes actually held, memory, speed)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -82,6 +83,17 @@ def test_changed_settings_are_refused(model_dir, finished, tmp_path, change, bef
     shutil.copytree(finished, out)
     message = fails(["uptrain", model_dir, "-o", out, *ARGS, *change, "--resume"], "step-00000008", before, after)
     assert message.index(before) < message.index("this run has") < message.index(after)
+    assert len(metrics(out)) == 8
+
+
+def test_changed_data_is_refused(model_dir, finished, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    other = Path(__file__).parent / "data" / "technical.txt"
+    message = fails(["uptrain", model_dir, "-o", out, *ARGS, "--data", other, "--resume"], "step-00000008")
+    before, after = message.split("this run has")
+    assert re.search(r"data of \d+ tokens \(shards \w{12}\)", before) and "data of" in after, message
+    assert before[before.index("data of") :].split(")")[0] != after[after.index("data of") :].split(")")[0]
     assert len(metrics(out)) == 8
 
 

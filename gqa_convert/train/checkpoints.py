@@ -55,7 +55,7 @@ def token_data_identity(folder: str) -> str:
     """The tokens a run reads, named by content (token count and shard list), not by where they lie."""
     manifest = read_manifest(Path(folder))
     shards = json.dumps(manifest["shards"], sort_keys=True).encode()
-    return f"{manifest['tokens']} tokens, shards {hashlib.sha256(shards).hexdigest()[:16]}"
+    return f"{manifest['tokens']} tokens (shards {hashlib.sha256(shards).hexdigest()[:12]})"
 
 
 def run_identity(plan: TrainPlan) -> dict[str, Any]:
@@ -189,7 +189,7 @@ def choose_resume(plan: TrainPlan) -> Path | None:
 _DESCRIBE = {
     "seq_len": "--seq-len {}",
     "global_batch": "a global batch of {} sequences",
-    "data": "data {}",
+    "data": "data of {}",
     "steps": "{} steps",
     "seed": "--seed {}",
     "format": "a {} checkpoint",
