@@ -121,6 +121,19 @@ def test_llama_cpp_reads_the_gguf_derived_output(tmp_path, gguf_mqa, with_457):
 
 
 @pytest.mark.slow
+def test_llama_cpp_converts_the_gguf_derived_mqa_exactly(tmp_path, gguf_mqa):
+    """The whole real model: every tensor converted (f32), and read back, the same logits."""
+    convert_with_llama_cpp(gguf_mqa, tmp_path / "mqa.gguf", "--outtype", "f32")
+    meta, tensors = read_gguf_header(tmp_path / "mqa.gguf")
+    assert meta["llama.attention.head_count_kv"] == 1 and len(tensors) == 272  # 30 layers x 9 + embedding, norm
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="mqa.gguf", dtype=torch.float32)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(gguf_mqa, dtype=torch.float32)
+    ids = torch.randint(3, 49152, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_llama_cpp_converts_a_folder_derived_mqa_exactly(tmp_path, gguf_mqa):
     """llama.cpp recognises a BPE tokenizer by hashing its ids on a fixed text, so the tiny model
     borrows SmolLM2's tokenizer files; no attention bias (transformers' GGUF reader drops biases)."""
