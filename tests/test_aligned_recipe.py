@@ -62,6 +62,47 @@ def test_frequency_aware_keys_undo_a_mix_the_complex_merge_cannot(tmp_path):
     assert errors["frequency"] * 5 < errors["complex"], errors
 
 
+def rotate_rope_pairs(model: transformers.PreTrainedModel, heads: list[int], pairs: list[tuple[int, int]]) -> None:
+    """Rotate every RoPE pair of the given heads' K and of their queries (MHA: head h reads kv head
+    h) by its own random angle: a rotation in a pair's plane commutes with RoPE, the function stays."""
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for head in heads:
+                for a, b in pairs:
+                    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+                    cos, sin = math.cos(angle), math.sin(angle)
+                    for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                        row_a, row_b = (
+                            projection.weight[head * hd + a].clone(),
+                            projection.weight[head * hd + b].clone(),
+                        )
+                        projection.weight[head * hd + a] = cos * row_a - sin * row_b
+                        projection.weight[head * hd + b] = sin * row_a + cos * row_b
+
+
+# the RoPE pairs as transformers' modeling files rotate them: llama rotate_half, cohere interleaved
+ROPE_PAIRS = {
+    "llama": lambda hd: [(i, i + hd // 2) for i in range(hd // 2)],
+    "cohere": lambda hd: [(2 * i, 2 * i + 1) for i in range(hd // 2)],
+}
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("cohere", {"use_qk_norm": False})])
+def test_heads_that_differ_by_a_rotation_per_rope_pair_merge_exactly(tmp_path, model_type, overrides):
+    original = build(tmp_path / "src", model_type, **overrides)
+    expand(tmp_path / "src", tmp_path / "mha")
+    rotated = load(tmp_path / "mha")
+    rotate_rope_pairs(rotated, heads=[1, 3], pairs=ROPE_PAIRS[model_type](64 // 4))  # tiny: hidden 64, 4 heads
+    torch.testing.assert_close(logits(rotated), logits(original), atol=2e-3, rtol=2e-3)  # the same function
+    rotated.save_pretrained(tmp_path / "rotated")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "rotated")
+    settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
+    pool(tmp_path / "rotated", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=settings))
+    torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
+
+
 def test_sequential_calibration_sees_the_merged_layers_outputs(tmp_path):
     """A visitor that halves layer 0's o_proj: with sequential calibration layer 1's attention inputs
     are those of the model so changed (computed here by transformers), without it the source's; the
