@@ -4,6 +4,8 @@ texts are interleaved, the calibration device and the options are checked."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 
@@ -63,23 +65,20 @@ def test_frequency_aware_keys_undo_a_mix_the_complex_merge_cannot(tmp_path):
 
 
 def rotate_rope_pairs(model: transformers.PreTrainedModel, heads: list[int], pairs: list[tuple[int, int]]) -> None:
-    """Rotate every RoPE pair of the given heads' K and of their queries (MHA: head h reads kv head
-    h) by its own random angle: a rotation in a pair's plane commutes with RoPE, the function stays."""
+    """Rotate every RoPE pair of the given heads' K and of their queries, biases included (MHA: head h
+    reads kv head h), by its own random angle: a rotation in a pair's plane commutes with RoPE, the
+    function stays."""
     hd = model.config.hidden_size // model.config.num_attention_heads
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for layer in model.model.layers:
-            for head in heads:
-                for a, b in pairs:
-                    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
-                    cos, sin = math.cos(angle), math.sin(angle)
-                    for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
-                        row_a, row_b = (
-                            projection.weight[head * hd + a].clone(),
-                            projection.weight[head * hd + b].clone(),
-                        )
-                        projection.weight[head * hd + a] = cos * row_a - sin * row_b
-                        projection.weight[head * hd + b] = sin * row_a + cos * row_b
+        for layer, head, (a, b) in itertools.product(model.model.layers, heads, pairs):
+            angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+            rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+            rows = [head * hd + a, head * hd + b]
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight[rows] = rotation @ projection.weight[rows]
+                if projection.bias is not None:
+                    projection.bias[rows] = rotation @ projection.bias[rows]
 
 
 # the RoPE pairs as transformers' modeling files rotate them: llama rotate_half, cohere interleaved
@@ -87,6 +86,27 @@ ROPE_PAIRS = {
     "llama": lambda hd: [(i, i + hd // 2) for i in range(hd // 2)],
     "cohere": lambda hd: [(2 * i, 2 * i + 1) for i in range(hd // 2)],
 }
+
+
+def key_only_errors(model_dir, settings: Calibration) -> list[float]:
+    """Per layer, the relative attention-output error of the K merge alone (V and o_proj kept) to one
+    kv head per pair of heads, on the calibration inputs: sensitive where logits of a tiny model are not."""
+    from gqa_convert.surgery.calibration.aligned import aligned_merge
+    from gqa_convert.surgery.calibration.plans import read_attention
+    from gqa_convert.surgery.calibration.trials import attention_error, attention_state
+    from gqa_convert.surgery.plan import HeadPlan
+
+    checkpoint = open_checkpoint(model_dir)
+    plan = HeadPlan(4, 4, ((0, 1), (2, 3)), 16)
+    errors = []
+
+    def visit(layer):
+        attention = read_attention(checkpoint, layer.index, plan)[0]
+        merged = aligned_merge(attention, layer, plan.groups, plan.readers(), settings, sides=("k",))
+        errors.append(attention_error(layer, attention_state(merged.attention, layer.projections), len(layer.calls)))
+
+    run_layers(checkpoint, calibration_ids(checkpoint, settings), settings, key_norm=False, visit=visit)
+    return errors
 
 
 @pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("cohere", {"use_qk_norm": False})])
@@ -98,6 +118,9 @@ def test_heads_that_differ_by_a_rotation_per_rope_pair_merge_exactly(tmp_path, m
     torch.testing.assert_close(logits(rotated), logits(original), atol=2e-3, rtol=2e-3)  # the same function
     rotated.save_pretrained(tmp_path / "rotated")
     transformers.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "rotated")
+    complex_only = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, **PLAIN)
+    assert max(key_only_errors(tmp_path / "rotated", complex_only)) < 1e-9  # a wrong pairing: 1e-6 .. 1e-5
+    assert max(key_only_errors(tmp_path / "mha", dataclasses.replace(complex_only, key_merge="frequency"))) < 1e-9
     settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
     pool(tmp_path / "rotated", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=settings))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
@@ -198,3 +221,23 @@ def _walk(record):
         for key, value in record.items():
             yield key, value
             yield from _walk(value)
+
+
+def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_improves():
+    from gqa_convert.surgery.calibration.output import OutputMoments, solve_output
+
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 32, 12, generator=generator) for _ in range(4)]
+    truth = torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    start = truth + 0.3 * torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    moments = OutputMoments.zeros(12, 6, "cpu")
+    for index, f in enumerate(features):
+        moments.add(f, f.double() @ truth.T, check=index == 3)
+    solved, before, after = solve_output(start, moments, ridge=1e-9)
+    torch.testing.assert_close(solved, truth, atol=1e-5, rtol=1e-5)
+    assert after < 1e-9 < before
+    misleading = OutputMoments.zeros(12, 6, "cpu")  # the fit batches say one thing, the check another
+    for index, f in enumerate(features):
+        misleading.add(f, f.double() @ (start if index == 3 else truth).T, check=index == 3)
+    kept, before, after = solve_output(start, misleading, ridge=1e-9)
+    assert torch.equal(kept, start) and before < 1e-9 < after
