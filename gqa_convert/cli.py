@@ -21,6 +21,8 @@ import typer
 import typer.core
 
 from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
+from gqa_convert.data.tokenize import TokenizeOptions
+from gqa_convert.data.tokenize import tokenize as run_tokenize
 from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
@@ -33,7 +35,7 @@ from gqa_convert.surgery.methods import METHODS
 from gqa_convert.surgery.options import Calibration, ExpandOptions, PoolOptions
 from gqa_convert.train.launch import uptrain as run_uptrain
 from gqa_convert.train.settings import TrainSettings
-from gqa_convert.units import DTYPE_NAMES
+from gqa_convert.units import DTYPE_NAMES, parse_tokens
 
 
 def _flags_show_no_type() -> None:
@@ -247,7 +249,8 @@ def uptrain(
     out: Path = typer.Option(..., "--out", "-o", help="output folder: final model, metrics.jsonl, checkpoints/"),
     data: str = typer.Option(
         ...,
-        help="a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow table, a folder of them, or a Hub dataset id",
+        help="a token folder (gqa-convert tokenize), a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow "
+        "table, a folder of them, or a Hub dataset id",
     ),
     tokens: Optional[str] = typer.Option(None, help="token budget, e.g. 50M or 2B (overrides --fraction)"),
     fraction: float = typer.Option(0.05, help="budget as a fraction of the original pre-training tokens"),
@@ -273,7 +276,9 @@ def uptrain(
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in OUT"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty OUT"),
     report_to: str = typer.Option("none", help="none, tensorboard or wandb"),
-    eval_data: Optional[str] = typer.Option(None, help="held-out text for perplexity during training"),
+    eval_data: Optional[str] = typer.Option(
+        None, help="held-out text (or token folder) for perplexity during training"
+    ),
     eval_every: int = typer.Option(0, help="steps between evaluations (0: at the end only)"),
     eval_tokens: int = typer.Option(65536, help="tokens of --eval-data used"),
     num_processes: Optional[int] = typer.Option(None, help="processes over all machines (default: every GPU)"),
@@ -283,6 +288,9 @@ def uptrain(
     main_process_port: int = typer.Option(29500, help="port on machine rank 0"),
     accelerate_config: Optional[str] = typer.Option(None, help="an Accelerate YAML (FSDP, DeepSpeed...)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and a measured time estimate"),
+    timeout_minutes: float = typer.Option(
+        60.0, help="how long a machine waits for the others: rank 0's tokenization, rendezvous, collectives"
+    ),
     teacher: Optional[str] = typer.Option(
         None, help="distil from this model (folder or .gguf): the unconverted source"
     ),
@@ -295,6 +303,44 @@ def uptrain(
     _quiet_libraries()
     result = run_uptrain(settings)
     typer.echo(json.dumps(result, indent=2 if dry_run else None))
+
+
+@app.command()
+@_user_errors
+def tokenize(
+    data: str = typer.Argument(
+        ...,
+        help="a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/.arrow table, a folder of them, or a Hub dataset id",
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="output token folder (shards and manifest.json)"),
+    tokenizer: str = typer.Option(..., help="a model folder or .gguf file whose tokenizer to use"),
+    num_proc: Optional[int] = typer.Option(None, help="worker processes (default: every core)"),
+    text_column: str = typer.Option("text", help="text column of table data"),
+    data_config: Optional[str] = typer.Option(None, help="Hub dataset configuration"),
+    split: str = typer.Option("train", help="Hub dataset split"),
+    max_tokens: Optional[str] = typer.Option(
+        None, help="stop once the units, in order, hold this many tokens (e.g. 2B)"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace a non-empty OUT, or restart an unfinished run of another job"
+    ),
+) -> None:
+    """Tokenize a corpus once, in parallel, into token shards that uptrain --data reads directly."""
+    options = TokenizeOptions(
+        tokenizer=tokenizer,
+        num_proc=num_proc,
+        text_column=text_column,
+        data_config=data_config,
+        split=split,
+        max_tokens=None if max_tokens is None else parse_tokens(max_tokens),
+        force=force,
+    )
+    _quiet_libraries()
+    result = run_tokenize(data, out, options)
+    summary = {
+        key: result[key] for key in ("tokens", "documents", "dtype", "seconds", "resumed_units") if key in result
+    }
+    typer.echo(json.dumps({"out": str(out), "shards": len(result["shards"]), **summary}))
 
 
 @app.command("eval")

@@ -97,6 +97,8 @@ if [[ ${SLURM_CPUS_ON_NODE:-} =~ ^[0-9]+$ ]] && ((SLURM_CPUS_ON_NODE < PROCS_PER
     "submit with --exclusive or --cpus-per-task" >&2
 fi
 
+# DATA: best a token folder made once by `gqa-convert tokenize`; raw data is tokenized by the first node
+# while the others wait for it (up to --timeout-minutes without progress; pass it in EXTRA_ARGS).
 # --resume: a fresh OUT starts at step 0, a requeued job continues from its last checkpoint.
 # The machine rank is read on each node, inside the step. A node granted another GPU count than the
 # first one would make a wrong world size (a hung rendezvous): it stops instead.

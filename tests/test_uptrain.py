@@ -218,3 +218,88 @@ def test_distillation_from_the_source_teacher(model_dir, tmp_path):
     rows = metrics(out)
     first, last = (sum(r["distill_loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
     assert rows[0]["distill_loss"] > 1e-3 and last < 0.5 * first, (first, last)
+
+
+def test_a_token_folder_trains_like_the_raw_file_and_another_tokenizer_is_refused(model_dir, tmp_path):
+    """--data TOKENS: nothing re-tokenized, the same blocks (hence losses) as the raw file, the budget
+    met; a folder made with another tokenizer is refused before anything is written."""
+    from gqa_convert.data.tokenize import TokenizeOptions, tokenize
+    from gqa_convert.errors import GQAConvertError
+
+    from tiny_models import save_tiny_tokenizer
+
+    tokens = tmp_path / "tokens"
+    tokenize(str(SAMPLE), tokens, TokenizeOptions(tokenizer=str(model_dir), progress=False))
+    common = dict(model=str(model_dir), tokens="2560", seq_len=32, micro_batch_size=4, lr=3e-3)
+    raw, folder = tmp_path / "raw", tmp_path / "folder"
+    uptrain(TrainSettings(out=str(raw), data=str(SAMPLE), **common))
+    result = uptrain(TrainSettings(out=str(folder), data=str(tokens), **common))
+    assert result["tokens"] == 2560 and len(metrics(folder)) == 20
+    assert [r["loss"] for r in metrics(folder)] == [r["loss"] for r in metrics(raw)]
+    assert not (folder / "data").exists() and (raw / "data").is_dir()
+    plan = uptrain(TrainSettings(out=str(tmp_path / "dry"), data=str(tokens), dry_run=True, **common))
+    assert plan["steps"] == 20 and (tokens / "manifest.json").is_file()  # a dry run leaves the data alone
+
+    other = tmp_path / "other-tokenizer"
+    save_tiny_tokenizer(other, vocab_size=300)
+    tokenize(str(SAMPLE), tmp_path / "other-tokens", TokenizeOptions(tokenizer=str(other), progress=False))
+    with pytest.raises(
+        GQAConvertError,
+        match=r"other-tokens was tokenized with .*other-tokenizer \(tokenizer [0-9a-f]{12}\) but .*model uses .*model \([0-9a-f]{12}\): tokenize the data again",
+    ):
+        uptrain(TrainSettings(out=str(tmp_path / "refused"), data=str(tmp_path / "other-tokens"), **common))
+    assert not (tmp_path / "refused").exists()
+
+
+def test_only_machine_rank_0_tokenizes_and_replaces_out(model_dir, tmp_path):
+    """Raw data on two machines: rank 1 waits for rank 0's manifest (or gives up with a clear
+    message), never deletes anything even with --force; rank 0 tokenizes once into OUT/data."""
+    import threading
+
+    from gqa_convert.errors import GQAConvertError
+    from gqa_convert.train.prepare import prepare
+
+    def settings(rank: int, out: Path, **extra) -> TrainSettings:
+        return TrainSettings(
+            model=str(model_dir), out=str(out), data=str(SAMPLE), tokens="2560", seq_len=32, num_processes=2,
+            num_machines=2, machine_rank=rank, main_process_ip="127.0.0.1", **extra,
+        )  # fmt: skip
+
+    alone = tmp_path / "alone"
+    with pytest.raises(GQAConvertError, match=r"machine rank 1 waited 0.02 minutes for machine rank 0 to tokenize"):
+        prepare(settings(1, alone, timeout_minutes=0.02))
+    assert not alone.exists()
+
+    out, plans = tmp_path / "out", {}
+    waiting = threading.Thread(target=lambda: plans.update(one=prepare(settings(1, out))))
+    waiting.start()
+    time.sleep(1.0)
+    plans["zero"] = prepare(settings(0, out))
+    waiting.join(timeout=120)
+    assert plans["one"].train_tokens == plans["zero"].train_tokens
+    folder = Path(plans["zero"].train_tokens)
+    assert folder.parent == out.resolve() / "data" and (folder / "manifest.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing left beside OUT
+    shard = folder / "shard-000000.tokens"
+    inode = shard.stat().st_ino
+
+    (out / "checkpoints").mkdir()
+    prepare(settings(1, out, force=True))
+    assert (out / "checkpoints").exists(), "--force on a machine other than rank 0 deletes nothing"
+    prepare(settings(0, out, force=True))
+    assert not (out / "checkpoints").exists(), "rank 0 replaces OUT"
+    assert shard.stat().st_ino == inode, "the token folder this run uses is kept, not tokenized again"
+
+
+def test_machines_wait_for_each_other_up_to_the_timeout():
+    """--timeout-minutes reaches the rendezvous of several machines (torch's default is 600 s)."""
+    from gqa_convert.train.launch import launch_command
+    from gqa_convert.train.settings import TrainPlan
+
+    settings = TrainSettings(
+        model="m", out="o", data="d", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", timeout_minutes=90
+    )
+    plan = TrainPlan(settings, world_size=16, grad_accum=1, steps=1, budget_origin="", train_tokens="t")
+    command = launch_command(plan)
+    assert command is not None and command[command.index("--rdzv_conf") + 1] == "join_timeout=5400"
+    assert command[command.index("--machine_rank") + 1] == "1"

@@ -5,6 +5,7 @@ calibration)."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,18 @@ from typing import Any
 from gqa_convert.errors import GQAConvertError, one_line
 
 TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w-]*(/[A-Za-z0-9][\w.-]*)?$")
 _CHECKED_BYTES = 1 << 16  # the head of each text file is checked for UTF-8 before any work
 
 
-def _kind(file: Path) -> str:
+def file_kind(file: Path) -> str:
+    """'text', or the datasets loader of a table file."""
     return TABLE_LOADERS.get(file.suffix.lower(), "text")
+
+
+def is_hub_id(data: str | Path) -> bool:
+    """Not a local path, and shaped like a Hub dataset id (`name` or `org/name`, no file suffix)."""
+    return not Path(data).exists() and bool(_HUB_DATASET.match(str(data))) and not Path(data).suffix
 
 
 def _visible(path: Path, root: Path) -> bool:
@@ -30,13 +38,13 @@ def local_files(data: Path) -> list[Path]:
     files = sorted(p for p in data.rglob("*") if p.is_file() and _visible(p, data))
     if not files:
         raise GQAConvertError(f"{data} holds no data files")
-    kinds = {_kind(p) for p in files}
+    kinds = {file_kind(p) for p in files}
     if len(kinds) > 1:
         raise GQAConvertError(f"{data} mixes file types ({', '.join(sorted(kinds))}): keep one type per folder")
     return files
 
 
-def _not_utf8(file: Path, byte: int | None = None) -> GQAConvertError:
+def not_utf8(file: Path, byte: int | None = None) -> GQAConvertError:
     where = f" (byte {byte})" if byte is not None else ""
     return GQAConvertError(
         f"{file} is not UTF-8 text{where}: convert it to UTF-8, or give a table ({', '.join(TABLE_LOADERS)})"
@@ -50,18 +58,17 @@ def _check_utf8(file: Path) -> None:
         head.decode("utf-8")
     except UnicodeDecodeError as error:
         if error.start < len(head) - 4:  # not merely a character cut at the end of the head
-            raise _not_utf8(file, error.start) from None
+            raise not_utf8(file, error.start) from None
 
 
 def check_data(data: str | Path) -> None:
     """A local path must exist (text files must start as UTF-8); anything else is a Hub dataset id."""
     path = Path(data)
-    looks_local = os.sep in str(data) or str(data).startswith(".") or bool(path.suffix)
-    if not path.exists() and looks_local:
+    if not path.exists() and not is_hub_id(data):
         raise GQAConvertError(f"data not found: {data}")
     if path.exists():
         for file in local_files(path):
-            if _kind(file) == "text":
+            if file_kind(file) == "text":
                 _check_utf8(file)
 
 
@@ -73,14 +80,14 @@ def iter_documents(
     path = Path(data)
     if path.exists():
         for file in local_files(path):
-            if _kind(file) == "text":
+            if file_kind(file) == "text":
                 yield from _text_pieces(file)
                 continue
-            yield from ((text, True) for text in _column(_load_local(file), text_column, file))
+            yield from ((text, True) for text in column_texts(load_table(file), text_column, file))
         return
-    if os.sep in str(data) or str(data).startswith("."):
+    if not is_hub_id(data):
         raise GQAConvertError(f"data not found: {data}")
-    yield from ((text, True) for text in _column(_load_hub(str(data), data_config, split), text_column, data))
+    yield from ((text, True) for text in column_texts(load_hub(str(data), data_config, split), text_column, data))
 
 
 def _text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
@@ -94,20 +101,20 @@ def _text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[tuple[str, 
                 yield piece, not following
                 piece = following
     except UnicodeDecodeError:
-        raise _not_utf8(file) from None
+        raise not_utf8(file) from None
 
 
-def _load_local(file: Path) -> Any:
+def load_table(file: Path) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(_kind(file), data_files=str(file), split="train", streaming=True)
+        return datasets.load_dataset(file_kind(file), data_files=str(file), split="train", streaming=True)
     except Exception as error:  # datasets raises many types for unreadable files
-        raise GQAConvertError(f"{file} could not be read as {_kind(file)}: {error}") from None
+        raise GQAConvertError(f"{file} could not be read as {file_kind(file)}: {error}") from None
 
 
-def _load_hub(name: str, data_config: str | None, split: str) -> Any:
+def load_hub(name: str, data_config: str | None, split: str) -> Any:
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise GQAConvertError(f"data '{name}' is not a local path and the Hub is offline: pass a local file")
     import datasets
@@ -134,7 +141,7 @@ def _rows(rows: Any, where: object) -> Iterator[Any]:
         yield row
 
 
-def _column(rows: Any, text_column: str, where: object) -> Iterator[str]:
+def column_texts(rows: Any, text_column: str, where: object) -> Iterator[str]:
     for row in _rows(rows, where):
         if text_column not in row:
             raise GQAConvertError(

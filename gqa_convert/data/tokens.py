@@ -1,109 +1,131 @@
-"""Token files: documents tokenized once into a flat uint16/uint32 file (joined by EOS) with a small
-JSON sidecar, and read back memory-mapped as fixed-length blocks.
+"""Token folders read back: the shards memory-mapped as one stream of ids (their concatenation in
+manifest order), read as fixed-length blocks in a per-epoch order; and the first tokens of a corpus
+tokenized in this process, for evaluation data and dry runs.
 
 Blocks are addressed by a global index, so the position in the data is a pure function of the step:
-epoch e visits every block once in an order drawn from (seed, e); resuming at step s needs no state.
+epoch e visits every block once in the order BlockOrder gives for (seed, e), computed per index in
+constant memory; resuming at step s needs no state. A block may span two shards.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import bisect
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gqa_convert.data.text import local_files
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.data.manifest import TokenizerInfo, build_manifest, read_manifest, write_json_atomic
+from gqa_convert.data.permutation import BlockOrder
+from gqa_convert.data.units import MIN_UNIT_BYTES, Columns, plan_units, source_signature, unit_documents
+from gqa_convert.data.worker import encode_documents, shard_name
+
+OPEN_SHARDS = 64  # memory maps kept open (each holds a file descriptor)
 
 
-def open_tokens(path: Path) -> np.memmap:
-    """A token file, memory-mapped (its sidecar .json gives the count and dtype)."""
-    meta = json.loads(path.with_suffix(".json").read_text())
-    return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["tokens"],))
+class TokenStream:
+    """The ids of a token folder as one sequence; shards are mapped on first use."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        manifest = read_manifest(self.folder)
+        self.dtype = np.dtype(manifest["dtype"])
+        self.files = [shard["file"] for shard in manifest["shards"] if shard["tokens"]]
+        sizes = [shard["tokens"] for shard in manifest["shards"] if shard["tokens"]]
+        self.starts = [0, *np.cumsum(sizes).tolist()]  # one entry per shard, not per token or block
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _shard(self, index: int) -> np.memmap:
+        if index in self._maps:
+            self._maps.move_to_end(index)
+        else:
+            size = self.starts[index + 1] - self.starts[index]
+            self._maps[index] = np.memmap(self.folder / self.files[index], dtype=self.dtype, mode="r", shape=(size,))
+            if len(self._maps) > OPEN_SHARDS:
+                self._maps.popitem(last=False)
+        return self._maps[index]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Ids [start, start + length) as int64, across shard boundaries."""
+        if start < 0 or start + length > len(self):
+            raise IndexError(f"tokens [{start}, {start + length}) are outside [0, {len(self)})")
+        parts, position, end = [], start, start + length
+        shard = bisect.bisect_right(self.starts, start) - 1
+        while position < end:
+            offset = position - self.starts[shard]
+            take = min(end, self.starts[shard + 1]) - position
+            parts.append(self._shard(shard)[offset : offset + take])
+            position += take
+            shard += 1
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
-def tokenize_to_file(
-    documents: Iterator[tuple[str, bool]],
-    tokenizer: Any,
-    path: Path,
-    max_tokens: int | None = None,
-    batch_documents: int = 256,
-    on_tokens: Callable[[int], None] | None = None,
-) -> int:
-    """Tokenize documents (no special tokens), each followed by EOS, into a flat uint16/uint32 file.
-    Stops after max_tokens. Returns the token count. Written to a temporary name, then renamed."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise GQAConvertError("the tokenizer has no EOS token to separate documents")
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max else np.uint32
-    partial = path.with_suffix(".partial")
-    count = 0
-    with open(partial, "wb") as handle:
-        batch: list[str] = []
-        ends: list[bool] = []
-
-        def flush() -> int:
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            pieces = ((*doc, eos) if end else doc for doc, end in zip(encoded, ends))
-            ids = np.fromiter((t for piece in pieces for t in piece), dtype=dtype)
-            ends.clear()
-            if max_tokens is not None:
-                ids = ids[: max_tokens - count]
-            handle.write(ids.tobytes())
-            batch.clear()
-            if on_tokens is not None:
-                on_tokens(len(ids))
-            return len(ids)
-
-        for document, ends_document in documents:
-            batch.append(document)
-            ends.append(ends_document)
-            if len(batch) >= batch_documents:
-                count += flush()
-                if max_tokens is not None and count >= max_tokens:
-                    break
-        if batch and (max_tokens is None or count < max_tokens):
-            count += flush()
-    partial.rename(path)
-    path.with_suffix(".json").write_text(json.dumps({"tokens": count, "dtype": np.dtype(dtype).name}))
-    return count
-
-
-@dataclass
 class TokenBlocks:
-    """A flat token file read as blocks of seq_len tokens; the tail shorter than a block is unused."""
+    """A token stream read as blocks of seq_len tokens; the tail shorter than a block is unused."""
 
-    path: Path
-    seq_len: int
-    seed: int
-
-    def __post_init__(self) -> None:
-        self.tokens = open_tokens(self.path)
-        self.num_blocks = len(self.tokens) // self.seq_len
-        self._order: dict[int, np.ndarray] = {}
+    def __init__(self, folder: str | Path, seq_len: int, seed: int) -> None:
+        self.stream = TokenStream(folder)
+        self.seq_len = seq_len
+        self.num_blocks = len(self.stream) // seq_len
+        self.order = BlockOrder(self.num_blocks, seed)
 
     def epoch_of(self, index: int) -> int:
         return index // self.num_blocks
 
     def block(self, index: int) -> np.ndarray:
-        """Block `index` of the endless stream: epoch index // n, each epoch a fresh permutation."""
+        """Block `index` of the endless stream: epoch index // n, each epoch in its own order."""
         epoch, position = divmod(index, self.num_blocks)
-        if epoch not in self._order:
-            self._order = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)}
-        start = int(self._order[epoch][position]) * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len], dtype=np.int64)
+        return self.stream.read(self.order(epoch, position) * self.seq_len, self.seq_len)
 
 
-def data_fingerprint(data: str | Path, tokenizer: Any, text_column: str, extra: str = "") -> str:
-    """Identifies a tokenized file: the data (paths, sizes, mtimes), tokenizer and column."""
-    path = Path(data)
-    parts = [str(data), text_column, extra, getattr(tokenizer, "name_or_path", ""), str(len(tokenizer))]
-    if path.exists():
-        for file in local_files(path):
-            stat = file.stat()
-            parts.append(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def read_head(folder: str | Path, max_tokens: int) -> np.ndarray:
+    """The first max_tokens ids of a token folder (all of them if it holds fewer), as int64."""
+    stream = TokenStream(folder)
+    return stream.read(0, min(max_tokens, len(stream)))
+
+
+def _documents(data: str, columns: Columns) -> Iterator[tuple[str, bool]]:
+    for unit in plan_units(data, columns, MIN_UNIT_BYTES):
+        yield from unit_documents(unit, columns)
+
+
+def tokenize_head(
+    data: str, columns: Columns, info: TokenizerInfo, folder: Path, max_tokens: int, job: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The first max_tokens tokens of a corpus, tokenized in this process into a one-shard token
+    folder (written beside `folder` and renamed; `job` recorded in its manifest). Returns the manifest."""
+    from tokenizers import Tokenizer
+
+    bare = Tokenizer.from_str(info.serialized)
+    encode = getattr(bare, "encode_batch_fast", bare.encode_batch)
+    eos, dtype = info.identity["eos_token_id"], info.dtype.name
+    partial = folder.parent / f".{folder.name.lstrip('.')}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    count = documents = 0
+    try:
+        with open(partial / shard_name(0), "wb") as handle:
+            for text, ends in _documents(data, columns):
+                ids = encode_documents(encode, [text], [ends], eos, dtype)[: max_tokens - count]
+                handle.write(ids.tobytes())
+                count, documents = count + len(ids), documents + ends
+                if count >= max_tokens:
+                    break
+        shards = [{"file": shard_name(0), "tokens": count, "documents": documents}]
+        source = source_signature(data, columns)
+        write_json_atomic(
+            partial / "manifest.json",
+            build_manifest(shards, info.identity, dtype, source, max_tokens=max_tokens, head=True, job=job),
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return read_manifest(folder)

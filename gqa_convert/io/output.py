@@ -84,15 +84,25 @@ def _check_writable(out: Path, in_place: bool) -> None:
 
 
 def written_by_tool(folder: Path) -> bool:
-    """A conversion's output (its provenance names this tool) or an uptraining run's folder."""
+    """A conversion's output (its provenance names this tool), a token folder, or an uptraining run's folder."""
     with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
         record = json.loads((folder / PROVENANCE_FILE).read_text())
         if isinstance(record, dict) and record.get("tool") == "gqa-convert":
             return True
+    if _is_token_folder(folder):
+        return True
     if (folder / TRAINING_MARKERS[0]).is_file() or (folder / TRAINING_MARKERS[1]).is_dir():
         return True
     data = folder / "data"  # tokenized data moved in before the first step
-    return data.is_dir() and any(data.iterdir()) and all(p.suffix == ".tokens" for p in data.iterdir())
+    return data.is_dir() and any(data.iterdir()) and all(_is_token_folder(p) for p in data.iterdir())
+
+
+def _is_token_folder(folder: Path) -> bool:
+    """A folder `gqa-convert tokenize` wrote: its manifest says which version wrote it."""
+    with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        return isinstance(manifest, dict) and "tool_version" in manifest and "format_version" in manifest
+    return False
 
 
 def clear_output_folder(out: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import datetime
 from typing import Any
 
 import numpy as np
@@ -20,10 +20,14 @@ UNSHARDED = ("NO", "MULTI_GPU", "MULTI_CPU")
 
 def build_accelerator(plan: TrainPlan) -> Any:
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     settings = plan.settings
     log_with = None if settings.report_to == "none" else settings.report_to
+    # collectives wait on the slowest process (a large checkpoint, the final export) up to --timeout-minutes
+    waits = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=settings.timeout_minutes))
     accelerator = Accelerator(
+        kwargs_handlers=[waits],
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolve_precision(settings.mixed_precision),
         log_with=log_with,
@@ -93,7 +97,7 @@ def micro_batch(blocks: TokenBlocks, plan: TrainPlan, step: int, micro: int, ran
 
 
 def open_blocks(plan: TrainPlan) -> TokenBlocks:
-    return TokenBlocks(Path(plan.tokens_file), plan.settings.seq_len, plan.settings.seed)
+    return TokenBlocks(plan.train_tokens, plan.settings.seq_len, plan.settings.seed)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -44,6 +44,8 @@ def launch_command(plan: TrainPlan) -> list[str] | None:
         command += ["--num_machines", str(settings.num_machines), "--machine_rank", str(settings.machine_rank)]
         command += ["--main_process_ip", str(settings.main_process_ip)]
         command += ["--main_process_port", str(settings.main_process_port), "--rdzv_backend", "c10d"]
+        # machines joining apart (rank 0 finishing its preparation last) wait up to --timeout-minutes
+        command += ["--rdzv_conf", f"join_timeout={round(settings.timeout_minutes * 60)}"]
     return command + ["-m", "gqa_convert.train.loop"]
 
 
@@ -98,7 +100,8 @@ def uptrain(settings: TrainSettings) -> dict[str, Any]:
         try:
             return dry_run_plan(plan)
         finally:
-            shutil.rmtree(Path(plan.tokens_file).parent, ignore_errors=True)
+            if plan.scratch:
+                shutil.rmtree(plan.scratch, ignore_errors=True)
     code = launch(plan)
     if code != 0:
         raise GQAConvertError(

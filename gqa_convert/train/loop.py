@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gqa_convert.data.tokens import TokenBlocks, open_tokens
+from gqa_convert.data.tokens import TokenBlocks, read_head
 from gqa_convert.evaluate import perplexity_of
 from gqa_convert.train.checkpoints import (
     append_metrics,
@@ -76,8 +76,8 @@ def setup(plan: TrainPlan) -> Worker:
     model, optimizer = accelerator.prepare(model, optimizer)
     teacher = build_teacher(plan.settings, accelerator)
     eval_ids = None
-    if plan.eval_tokens_file:
-        eval_ids = torch.from_numpy(open_tokens(Path(plan.eval_tokens_file)).astype("int64"))
+    if plan.eval_tokens:
+        eval_ids = torch.from_numpy(read_head(plan.eval_tokens, plan.settings.eval_tokens))
     if plan.settings.report_to != "none":
         tracked = {k: v for k, v in vars(plan.settings).items() if v is not None}
         accelerator.init_trackers("gqa-convert", config=tracked)

@@ -1,23 +1,21 @@
-"""Everything before the workers start: validation, the step budget, and the data tokenized once into
-OUT/data (nanoGPT's prepare step), so a bad data file fails in one process with one message and
-nothing is written to OUT."""
+"""Everything before the workers start: validation, the step budget, and the token folders (given,
+or raw data tokenized once by machine rank 0 into OUT/data; see train.token_data), so a bad data file
+fails in one process with one message and nothing is written to OUT."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from rich.progress import Progress, SpinnerColumn, TextColumn
-
-from gqa_convert.data.text import iter_documents
-from gqa_convert.data.tokens import data_fingerprint, tokenize_to_file
+from gqa_convert.data.manifest import TokenizerInfo, tokenizer_info
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import clear_output_folder, remove_stale_work, work_folder
 from gqa_convert.io.sources import load_tokenizer
 from gqa_convert.train.budget import resolve_budget
-from gqa_convert.train.settings import TrainPlan, TrainSettings, check_settings, world_size
+from gqa_convert.train.settings import TrainPlan, TrainSettings, check_settings, machine_rank, world_size
+from gqa_convert.train.token_data import RunData, build, check_count, make_data, plan_data, wait_for_data
 
 WORKER_ENV = "GQA_CONVERT_WORKER_PLAN"  # the plan handed to the worker processes
 
@@ -35,58 +33,39 @@ def resolve_grad_accum(settings: TrainSettings, world: int) -> int:
     return settings.global_batch_tokens // per_micro_step
 
 
-def _tokenize(
-    data: str,
-    settings: TrainSettings,
-    tokenizer: Any,
-    reuse: Path | None,
-    staging: Path,
-    name: str,
-    max_tokens: int | None,
-) -> str:
-    """The file name of `data` tokenized; made in `staging` unless `reuse` (OUT/data) already has it."""
-    file_name = f"{name}-{data_fingerprint(data, tokenizer, settings.text_column, str(max_tokens))}.tokens"
-    if reuse is not None and (reuse / file_name).exists():
-        return file_name
-    documents = iter_documents(data, settings.text_column, settings.data_config, settings.split)
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.completed:,} tokens"))
-    with Progress(*columns, transient=True) as progress:
-        task = progress.add_task(f"tokenizing {data}", total=max_tokens)
-        count = tokenize_to_file(
-            documents, tokenizer, staging / file_name, max_tokens, on_tokens=lambda n: progress.advance(task, n)
-        )
-    if count < settings.seq_len:
-        raise GQAConvertError(
-            f"{data} holds {count} tokens, fewer than one block of --seq-len {settings.seq_len}: "
-            "give more text or lower --seq-len"
-        )
-    return file_name
-
-
-def _tokenize_all(
-    settings: TrainSettings, tokenizer: Any, reuse: Path | None, staging: Path, need: int
-) -> tuple[str, str | None]:
+def _dry_run_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo, out: Path) -> Path:
+    """A dry run tokenizes only what its measured step reads, into a temporary folder beside OUT."""
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dry-run-", dir=out.parent))
     try:
-        train_name = _tokenize(settings.data, settings, tokenizer, reuse, staging, "train", need)
-        eval_name = None
-        if settings.eval_data:
-            eval_name = _tokenize(settings.eval_data, settings, tokenizer, reuse, staging, "eval", settings.eval_tokens)
+        for item in items:
+            if item.raw:
+                folder = scratch / item.folder.name
+                manifest = build(replace(item, head=True), settings, info, folder)
+                check_count(manifest, item, settings)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         raise
-    return train_name, eval_name
+    return scratch
 
 
-def _move_into(staging: Path, out: Path, settings: TrainSettings) -> Path:
-    """OUT/data, filled from the staging folder (OUT replaced first with --force)."""
-    if settings.force and not settings.resume:
-        clear_output_folder(out)  # only an empty folder or one this tool wrote
-    data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for file in staging.iterdir():
-        shutil.move(str(file), data_dir / file.name)
-    shutil.rmtree(staging)
-    return data_dir
+def _data(settings: TrainSettings, need: int, out: Path) -> tuple[RunData, RunData | None, str | None]:
+    """The run's token folders: made (machine rank 0) or waited for (the others), checked."""
+    info = tokenizer_info(load_tokenizer(settings.model))
+    train = plan_data(settings.data, settings, info, out, settings.seq_len, need, head=False)
+    evaluation = None
+    if settings.eval_data:
+        evaluation = plan_data(settings.eval_data, settings, info, out, 2, settings.eval_tokens, head=True)
+    items = [train] if evaluation is None else [train, evaluation]
+    if settings.dry_run:
+        scratch = _dry_run_data(items, settings, info, out)
+        moved = [replace(item, folder=scratch / item.folder.name) if item.raw else item for item in items]
+        return moved[0], (moved[1] if evaluation else None), str(scratch)
+    rank = machine_rank(settings)
+    if rank == 0:
+        make_data(items, settings, info, out)
+    else:
+        wait_for_data(items, settings, out, rank)
+    return train, evaluation, None
 
 
 def prepare(settings: TrainSettings) -> TrainPlan:
@@ -105,21 +84,17 @@ def prepare(settings: TrainSettings) -> TrainPlan:
     budget = resolve_budget(
         Path(settings.model), settings.tokens, settings.fraction, settings.original_tokens, step_tokens
     )
-    tokenizer = load_tokenizer(settings.model)
     out = Path(settings.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    reuse = None if settings.force and not settings.resume else out / "data"  # --force starts afresh
     need = (budget.global_batch_tokens if settings.dry_run else budget.tokens) + settings.seq_len
-    remove_stale_work(out)
-    staging = work_folder(out, "data")
-    train_name, eval_name = _tokenize_all(settings, tokenizer, reuse, staging, need)
-    data_dir = staging if settings.dry_run else _move_into(staging, out, settings)
+    train, evaluation, scratch = _data(settings, need, out)
     return TrainPlan(
         settings=settings,
         world_size=world,
         grad_accum=accum,
         steps=budget.steps,
         budget_origin=budget.origin,
-        tokens_file=str(data_dir / train_name),
-        eval_tokens_file=str(data_dir / eval_name) if eval_name else None,
+        train_tokens=str(train.folder),
+        eval_tokens=str(evaluation.folder) if evaluation else None,
+        scratch=scratch,
     )

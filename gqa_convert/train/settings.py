@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from gqa_convert.arch import check_seq_len
+from gqa_convert.data.manifest import is_token_folder, read_manifest
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import check_output_folder
@@ -64,6 +65,7 @@ class TrainSettings:
     main_process_port: int = 29500
     accelerate_config: str | None = None
     dry_run: bool = False
+    timeout_minutes: float = 60.0  # waits on other machines: rank 0's tokenization, rendezvous, collectives
     teacher: str | None = None  # distil from this model's logits (the unconverted source)
     distill_weight: float = 0.5  # loss = (1 - w) LM + w T^2 KL(teacher || student)
     distill_temperature: float = 1.0
@@ -92,21 +94,24 @@ class TrainSettings:
             raise GQAConvertError("--eval-every needs --eval-data")
         if self.eval_every < 0 or self.eval_tokens < 2:
             raise GQAConvertError("--eval-every must not be negative and --eval-tokens at least 2")
+        if not self.timeout_minutes > 0:
+            raise GQAConvertError("--timeout-minutes must be positive")
         if not 0 < self.distill_weight <= 1 or self.distill_temperature <= 0:
             raise GQAConvertError("--distill-weight must be in (0, 1] and --distill-temperature positive")
 
 
 @dataclass(frozen=True)
 class TrainPlan:
-    """What preparation derived: sizes, step budget and the tokenized data the workers read."""
+    """What preparation derived: sizes, step budget and the token folders the workers read."""
 
     settings: TrainSettings
     world_size: int
     grad_accum: int
     steps: int
     budget_origin: str
-    tokens_file: str
-    eval_tokens_file: str | None = None
+    train_tokens: str  # a token folder (data.tokens)
+    eval_tokens: str | None = None
+    scratch: str | None = None  # a dry run's temporary token folders, removed after it
 
     @property
     def step_tokens(self) -> int:
@@ -153,18 +158,29 @@ def check_settings(settings: TrainSettings) -> Any:
                 f"the teacher's vocabulary ({teacher_config.vocab_size}) differs from the model's "
                 f"({config.vocab_size}): distil from the model it was converted from"
             )
-    check_data(settings.data)
-    if settings.eval_data:
-        check_data(settings.eval_data)
+    for data in (settings.data, settings.eval_data):
+        if data is not None:
+            if is_token_folder(data):
+                read_manifest(data)
+            else:
+                check_data(data)
     check_output_folder(
         Path(settings.out),
         model,
-        settings.force,
-        resume=settings.resume,
+        settings.force and machine_rank(settings) == 0,
+        # only machine rank 0 writes OUT before training; the others find it already begun
+        resume=settings.resume or machine_rank(settings) > 0,
         in_place=True,
         fix="pass --resume to continue it or --force to replace it",
     )
     return config
+
+
+def machine_rank(settings: TrainSettings) -> int:
+    """This machine's rank: --machine-rank, else the Accelerate YAML's machine_rank, else 0."""
+    if settings.machine_rank or not settings.accelerate_config:
+        return settings.machine_rank
+    return int(yaml.safe_load(Path(settings.accelerate_config).read_text()).get("machine_rank", 0))
 
 
 def world_size(settings: TrainSettings) -> int:
