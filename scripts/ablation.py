@@ -197,7 +197,7 @@ def uptrain_rows(args, gqa3, calib, heldout, results) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, required=True, help="the text to split: calibration / held out")
+    parser.add_argument("--text", type=Path, help="the text to split: calibration / held out (required to run)")
     parser.add_argument("--ood-text", type=Path, action="append", help="text of another domain (repeatable)")
     parser.add_argument("--calib-extra", type=Path, help="another domain's text for the mixed-calibration row")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "ablation")
@@ -225,6 +225,8 @@ def main() -> None:
         write_markdown(results, args.docs / "results.md")
         plot(results, args.docs / "recovery.png")
         return
+    if args.text is None:
+        raise SystemExit("--text is required (or --render RESULTS.json)")
     args.ood_text = args.ood_text or [ROOT / "tests" / "data" / "technical.txt"]
     for path in [args.text, *args.ood_text, *([args.calib_extra] if args.calib_extra else [])]:
         if not path.exists():

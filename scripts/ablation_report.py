@@ -21,6 +21,15 @@ VARIANT_NOTES = {
 }
 
 
+SKIPPED_NOTE = (
+    "B: SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--grouping similarity`; C: the same -> MQA"
+)
+CONVERT_NOTE = (
+    "Convert seconds are wall-clock on a CPU shared with other jobs: they vary with the load and compare "
+    "only roughly, even within one run."
+)
+
+
 def _ratio(value: float, original: float) -> str:
     return f"{value:,.2f} ({value / original:,.2f}x)"
 
@@ -158,7 +167,16 @@ def write_markdown(results: dict, path: Path) -> None:
         *_uptraining(results),
     ]
     if settings.get("calib_extra"):
-        lines += ["", f"Mixed calibration text: `{Path(settings['calib_extra']).name}` (see scripts/make_ood_text.py)."]
+        lines += [
+            "",
+            f"Mixed calibration text: `{Path(settings['calib_extra']).name}`, made by "
+            f"`python scripts/make_ood_text.py --kind readme --out {settings['calib_extra']}` (the long descriptions "
+            "of the installed Python packages: its content depends on what is installed).",
+        ]
+    skipped = [setup for setup in ("A", "B", "C") if setup not in settings["setups"].split(",")]
+    if skipped:
+        lines += ["", f"Not run here (`--setups {settings['setups']}`): setups {', '.join(skipped)} ({SKIPPED_NOTE})."]
+    lines += ["", CONVERT_NOTE]
     path.write_text("\n".join(lines) + "\n")
 
 
