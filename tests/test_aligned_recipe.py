@@ -241,3 +241,22 @@ def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_imp
         misleading.add(f, f.double() @ (start if index == 3 else truth).T, check=index == 3)
     kept, before, after = solve_output(start, misleading, ridge=1e-9)
     assert torch.equal(kept, start) and before < 1e-9 < after
+
+
+def test_cholesky_of_a_moment_made_indefinite_by_rounding():
+    """A rank-deficient moment nudged below zero in its null space (what float32 accumulation does)
+    factorizes with a grown ridge that stays small; a truly indefinite matrix still raises."""
+    from gqa_convert.surgery.calibration.linalg import cholesky
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(8, 32, generator=generator, dtype=torch.float64)
+    moment = data.T @ data  # rank 8 of 32
+    null = torch.linalg.eigh(moment)[1][:, 0]
+    nudged = moment - 1e-4 * moment.diagonal().mean() * torch.outer(null, null)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(nudged + 1e-6 * nudged.diagonal().mean() * torch.eye(32, dtype=torch.float64))
+    lower = cholesky(nudged)
+    error = (lower @ lower.T - nudged).norm() / nudged.norm()
+    assert error < 2e-3
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky(-moment)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 
 RIDGE = 1e-6  # relative ridge on S: calibration never spans every direction of a large model
+RIDGE_RETRIES = 4  # up to 1e-3 relative, then the last try at 1e-2 raises if it still fails
 
 Groups = Sequence[Sequence[int]]
 Readers = dict[int, list[int]]  # source kv head -> the query heads that read it
@@ -37,9 +38,17 @@ class Attention:
 
 
 def cholesky(moment: torch.Tensor) -> torch.Tensor:
+    """Lower L with L L^T = moment + ridge. The ridge grows (x10, at most 1e-2 relative) while the
+    factorization fails: moments accumulated in float32 (the attended one) can be indefinite by
+    rounding in the directions short calibration never spans."""
     scale = RIDGE * moment.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(len(moment), dtype=moment.dtype, device=moment.device)
-    return torch.linalg.cholesky(moment + scale * eye)
+    for _ in range(RIDGE_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(moment + scale * eye)
+        if int(info) == 0:
+            return lower
+        scale = scale * 10
+    return torch.linalg.cholesky(moment + scale * eye)  # raises, naming the failing minor
 
 
 def restrict(moment: torch.Tensor, keep_bias: bool) -> torch.Tensor:
