@@ -27,6 +27,7 @@ from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
+from gqa_convert.surgery.calibration.settings import KEY_MERGES, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
 from gqa_convert.surgery.groupings import GROUPINGS
@@ -64,6 +65,8 @@ Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
 Grouping = enum.Enum("Grouping", {name: name for name in GROUPINGS}, type=str)
 DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
 EvalDType = enum.Enum("EvalDType", {name: name for name in EVAL_DTYPES}, type=str)
+KeyMerge = enum.Enum("KeyMerge", {name: name for name in KEY_MERGES}, type=str)
+ValueMoment = enum.Enum("ValueMoment", {name: name for name in VALUE_MOMENTS}, type=str)
 _METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
 _GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
@@ -150,6 +153,29 @@ def inspect(
     typer.echo(json.dumps(report) if as_json else format_inspect(report))
 
 
+def _calibration(flags: dict[str, Any]) -> Calibration | None:
+    """pool's calibration flags as a Calibration (None without --calib-data)."""
+    if flags["refine_steps"] and not flags["calib_data"]:
+        raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned --calib-data FILE")
+    if not flags["calib_data"]:
+        return None
+    return Calibration(
+        data=flags["calib_data"],
+        extra_data=tuple(flags["calib_extra"] or ()),
+        tokens=flags["calib_tokens"],
+        seq_len=flags["calib_seq_len"],
+        text_column=flags["calib_text_column"],
+        sequential=flags["calib_sequential"],
+        key_merge=flags["key_merge"].value,
+        band_angle=flags["band_angle"],
+        value_moment=flags["value_moment"].value,
+        output_ridge=flags["output_ridge"] if flags["output_solve"] else None,
+        device=flags["device"],
+        refine_steps=flags["refine_steps"],
+        refine_lr=flags["refine_lr"],
+    )
+
+
 @app.command()
 @_user_errors
 def pool(
@@ -165,27 +191,22 @@ def pool(
     revision: Optional[str] = typer.Option(None, help="Hub revision"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin (pickle) weights"),
     calib_data: Optional[str] = typer.Option(None, help="calibration text for calibrated methods and groupings"),
+    calib_extra: Optional[list[str]] = typer.Option(None, help="calibration text of other domains (repeatable)"),
     calib_tokens: int = typer.Option(16384, help="calibration tokens"),
-    calib_seq_len: int = typer.Option(512, help="calibration sequence length"),
+    calib_seq_len: int = typer.Option(512, help="calibration sequence length (use the target context length)"),
     calib_text_column: str = typer.Option("text", help="text column of table calibration data"),
-    refine_steps: int = typer.Option(
-        0, help="aligned: Adam steps per layer fitting the merged attention to the original"
-    ),
+    calib_sequential: bool = typer.Option(True, help="calibrate each layer on the merged layers' outputs"),
+    key_merge: KeyMerge = typer.Option("frequency", help="aligned K: frequency-aware (per layer) or complex per pair"),
+    band_angle: float = typer.Option(1.0, help="aligned K: the low band's pairs rotate at most this (rad) per window"),
+    value_moment: ValueMoment = typer.Option("attended", help="aligned V: the moment it fits (attended or plain)"),
+    output_solve: bool = typer.Option(True, help="aligned: solve all o_proj blocks jointly (held-out check)"),
+    output_ridge: float = typer.Option(0.3, help="relative ridge of the o_proj solve"),
+    device: str = typer.Option("auto", help="calibration device: auto (cuda when available), cpu, cuda, cuda:N"),
+    refine_steps: int = typer.Option(0, help="aligned: Adam steps per layer fitting the merged attention"),
     refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),
 ) -> None:
     """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
-    if refine_steps and not calib_data:
-        raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned --calib-data FILE")
-    calibration = None
-    if calib_data:
-        calibration = Calibration(
-            data=calib_data,
-            tokens=calib_tokens,
-            seq_len=calib_seq_len,
-            text_column=calib_text_column,
-            refine_steps=refine_steps,
-            refine_lr=refine_lr,
-        )
+    calibration = _calibration(locals())
     options = PoolOptions(
         kv_heads=kv_heads,
         method=method.value,

@@ -19,7 +19,9 @@ from test_bad_input import fails
 from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
-CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
+CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)  # the defaults: the full recipe
+# the closed-form merge before the frequency-aware K, attended V, o_proj solve and sequential calibration
+PLAIN = dict(key_merge="complex", value_moment="plain", output_ridge=None, sequential=False)
 
 
 def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:
@@ -35,9 +37,20 @@ def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrained
     return model
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "phi", "stablelm", "olmo2", "qwen3", "gemma2", "mistral"])
-def test_aligned_merge_of_copied_heads_is_exact(tmp_path, model_type):
-    original = build(tmp_path / "src", model_type)
+ARCHITECTURES = ["llama", "qwen2", "phi", "stablelm", "olmo2", "qwen3", "gemma2", "mistral"]
+# phi without its q/k norms: partial rotary (a band of non-rotary dimensions) with biases;
+# cohere without its norms: interleaved RoPE pairs
+VARIANTS = [(name, {}) for name in ARCHITECTURES] + [
+    ("phi", {"qk_layernorm": False}),
+    ("cohere", {"use_qk_norm": False}),
+]
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides", VARIANTS, ids=[f"{m}{'-' if o else ''}{'-'.join(o)}" for m, o in VARIANTS]
+)
+def test_aligned_merge_of_copied_heads_is_exact(tmp_path, model_type, overrides):
+    original = build(tmp_path / "src", model_type, **overrides)
     expand(tmp_path / "src", tmp_path / "mha")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k-norm models warn that K is mean-pooled
@@ -108,12 +121,13 @@ def test_aligned_refuses_fused_projections(tmp_path):
 def test_refinement_lowers_the_held_out_attention_error_and_keeps_exact_merges(tmp_path):
     """Copies merge exactly (nothing to refine); a real merge is refined, the held-out check decides."""
     original = build(tmp_path / "src", "qwen2", num_attention_heads=8, num_key_value_heads=4)
-    refined = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3)
+    plain = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, **PLAIN)  # leaves room to refine
+    refined = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3, **PLAIN)
     expand(tmp_path / "src", tmp_path / "mha")
     pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=4, method="aligned", calibration=refined))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
-    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=CALIBRATION))
+    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=plain))
     pool(tmp_path / "src", tmp_path / "refined", PoolOptions(kv_heads=1, method="aligned", calibration=refined))
     from transformers import AutoTokenizer
 

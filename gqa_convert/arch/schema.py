@@ -67,6 +67,8 @@ class Architecture:
     projections: dict[str, str] | None = None
     # norms applied to K after the projection: the calibrated K merge does not commute with them
     key_norms: tuple[str, ...] = ("self_attn.k_norm.", "self_attn.k_layernorm.")
+    # RoPE pairs dimensions (2i, 2i + 1) (cohere) rather than (i, i + rotary_dim / 2)
+    rotary_interleaved: bool = False
 
     @property
     def attention_module(self) -> str:

@@ -54,7 +54,7 @@ ARCHITECTURES.update(
     {
         "phi": Architecture("phi", **_separate(o_proj="dense")),
         "olmo2": Architecture("olmo2", **_separate(extra=_WHOLE_K_NORM)),
-        "cohere": Architecture("cohere", **_separate(extra=_WHOLE_K_NORM)),
+        "cohere": Architecture("cohere", rotary_interleaved=True, **_separate(extra=_WHOLE_K_NORM)),
         "stablelm": Architecture("stablelm", **_separate(extra=_STABLELM_K_NORMS)),
         "phi3": Architecture(
             "phi3",

@@ -53,7 +53,8 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
     """Merge the kv heads of `source` into `options.kv_heads` groups and write a transformers folder
     at `out`. Calibrated methods and groupings read `options.calibration` (text of the source's domain)."""
     if options.calibration is not None and options.calibrated:
-        check_data(options.calibration.data)
+        for data in options.calibration.sources:
+            check_data(data)
     with _opened_for_output(source, Path(out), options) as checkpoint:
         plan = _pool_plan(checkpoint, options)
         details: dict[str, Any] = {"operation": "pool", "method": options.method, "grouping": options.grouping}

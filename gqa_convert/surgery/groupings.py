@@ -6,13 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from gqa_convert.surgery.calibration.aligned import Attention
+from gqa_convert.surgery.calibration.linalg import Attention
+from gqa_convert.surgery.calibration.sequential import LayerCalibration
 from gqa_convert.surgery.calibration.similarity import groups_by_similarity
 
-# (attention, second moment, rotary dim, kv heads after) -> the groups of one layer
-ChooseGroupsFn = Callable[[Attention, torch.Tensor, int, int], tuple[tuple[int, ...], ...]]
+# (attention, the layer's calibration, kv heads after) -> the groups of one layer
+ChooseGroupsFn = Callable[[Attention, LayerCalibration, int], tuple[tuple[int, ...], ...]]
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,7 @@ METHODS: dict[str, Method] = {
         Method("random", "fresh heads drawn like the model's init, --seed (the paper's ablation)", merge_random),
         Method(
             "aligned",
-            "closed-form least-squares merge from calibration activations, RoPE-aware (needs --calib-data)",
+            "calibrated merge: frequency-aware K, attended V, joint o_proj solve, sequential (needs --calib-data)",
             merge_mean,
             aligned_merge,
         ),

@@ -7,27 +7,12 @@ import warnings
 from dataclasses import dataclass
 
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.surgery.calibration.settings import Calibration
 from gqa_convert.surgery.groupings import GROUPINGS, Grouping
 from gqa_convert.surgery.methods import METHODS, Method
 from gqa_convert.units import DTYPE_NAMES, parse_size
 
-
-@dataclass(frozen=True, kw_only=True)
-class Calibration:
-    """Calibration text for the calibrated methods and groupings, and the refinement of aligned."""
-
-    data: str
-    tokens: int = 16384
-    seq_len: int = 512
-    text_column: str = "text"
-    refine_steps: int = 0  # Adam steps per layer fitting the merged attention to the original
-    refine_lr: float = 3e-4
-
-    def __post_init__(self) -> None:
-        if self.tokens < 1 or self.seq_len < 2:
-            raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
-        if self.refine_steps < 0 or self.refine_lr <= 0:
-            raise GQAConvertError("--refine-steps must be at least 0 and --refine-lr positive")
+__all__ = ["Calibration", "ConversionOptions", "ExpandOptions", "PoolOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)

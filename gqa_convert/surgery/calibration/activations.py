@@ -1,16 +1,15 @@
-"""Calibration statistics of the source model, one decoder layer in memory at a time.
+"""Calibration inputs of the source model, one decoder layer in memory at a time.
 
-The model is built with a single decoder layer; its forward runs the embedding (and whatever the
+The model is built with a single decoder layer and eager attention (so every mask is explicit and the
+attention modules return their probabilities); its forward runs the embedding (and whatever the
 architecture does before its layers: scaling, rotary tables, masks) and the inputs reaching the first
-layer are caught. Then each layer is built, loaded from the checkpoint, run over the calibration
-hidden states, and dropped; a hook on its attention module accumulates the second moment of the
-attention input (after the input norm), with a constant 1 appended so biases are covered too.
+layer are caught, once per layer type (full or sliding attention have different masks). Layers are
+then built on the calibration device and loaded from the checkpoint one at a time.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,32 +19,25 @@ from gqa_convert.arch import write_kv_heads
 from gqa_convert.data.text import check_data, read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import Checkpoint
+from gqa_convert.surgery.calibration.settings import Calibration
 
-# One call of an attention module: its hidden-states input, its other keyword arguments, its output.
-AttentionCall = tuple[torch.Tensor, dict[str, Any], torch.Tensor]
-# (hidden states, the other keyword arguments of a decoder layer) for one calibration batch
-LayerInput = tuple[torch.Tensor, dict[str, Any]]
+ATTENTION = "eager"  # explicit masks, and attention probabilities returned by every attention module
 
 
 @dataclass
-class LayerStats:
-    """Sum over calibration tokens of [x, 1][x, 1]^T for the attention input x of one layer and,
-    when asked for, the attention module's inputs and outputs per batch (for refinement)."""
+class Batch:
+    """One calibration batch entering a decoder layer: the residual stream and the layer's other
+    keyword arguments (mask, rotary tables...)."""
 
-    second_moment: torch.Tensor  # (d + 1, d + 1), float64
-    tokens: int
-    attention_calls: list[AttentionCall] | None = None
-    make_attention: Callable[[int], Any] | None = None  # kv_heads -> a fresh attention module of this layer
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
 
 
 class _Caught(Exception):
     pass
 
 
-def calibration_ids(
-    checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str = "text"
-) -> torch.Tensor:
-    """(n, seq_len) token ids from the first `tokens` tokens of `data`, with the source's tokenizer."""
+def _windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
     check_data(data)
     ids = tokenize_text(checkpoint.tokenizer(), read_text(data, text_column), max_tokens=tokens)
     windows = len(ids) // seq_len
@@ -57,15 +49,41 @@ def calibration_ids(
     return ids[: windows * seq_len].view(windows, seq_len)
 
 
-def _shell(checkpoint: Checkpoint) -> Any:
+def calibration_ids(checkpoint: Checkpoint, calibration: Calibration) -> torch.Tensor:
+    """(n, seq_len) token ids: the first tokens of each calibration text (an equal share each), their
+    windows interleaved so that every batch, and the held-out batches, mix the texts."""
+    share = calibration.tokens // len(calibration.sources)
+    parts = [
+        _windows(checkpoint, data, share, calibration.seq_len, calibration.text_column) for data in calibration.sources
+    ]
+    order = sorted(
+        ((position, source) for source, part in enumerate(parts) for position in range(len(part))),
+    )
+    return torch.stack([parts[source][position] for position, source in order])
+
+
+def layer_config(checkpoint: Checkpoint, kv_heads: int | None = None) -> Any:
+    """The source config with eager attention (and another kv count, when given)."""
+    config = copy.deepcopy(checkpoint.config)
+    config._attn_implementation = ATTENTION
+    if kv_heads is not None:
+        settings: dict[str, Any] = {}
+        write_kv_heads(settings, config, checkpoint.architecture, kv_heads)
+        for key, value in settings.items():
+            setattr(config, key, value)
+    return config
+
+
+def _shell(checkpoint: Checkpoint, device: str) -> Any:
     """The model with one decoder layer, its non-layer weights loaded from the checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    config = copy.deepcopy(checkpoint.config)
+    config = layer_config(checkpoint)
     config.num_hidden_layers = 1
-    if hasattr(config, "layer_types") and config.layer_types:
+    if getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=ATTENTION).eval()
     layer_prefix = checkpoint.architecture.layer_prefix.split("{layer}")[0]
     own = dict(model.named_parameters())
     for name in checkpoint.tensors:
@@ -81,92 +99,51 @@ def _layers_module(model: Any, checkpoint: Checkpoint) -> torch.nn.ModuleList:
     return module
 
 
-def _first_layer_inputs(model: Any, first: Any, ids: torch.Tensor, batch_size: int) -> list[LayerInput]:
-    """Run the shell model until its first layer, per batch, and keep what reaches that layer."""
-    caught: list[LayerInput] = []
-
-    def catch(module: Any, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Caught
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            try:
-                model(input_ids=ids[start : start + batch_size], use_cache=False)
-            except _Caught:
-                pass
-    handle.remove()
-    return caught
+def layer_types(checkpoint: Checkpoint) -> list[str | None]:
+    """Each layer's attention type (full, sliding...), None where the config has no such list."""
+    types = getattr(checkpoint.config, "layer_types", None)
+    count = int(checkpoint.config.num_hidden_layers)
+    return list(types)[:count] if types else [None] * count
 
 
-def _run_layer(
-    layer: Any, attention: Any, inputs: list[LayerInput], keep_activations: bool
-) -> tuple[LayerStats, list[LayerInput]]:
-    """Run one layer over every batch: the attention input's second moment, the recorded attention
-    calls (when kept), and the layer's outputs (the next layer's inputs)."""
-    width = int(inputs[0][0].shape[-1]) + 1
-    moment = torch.zeros(width, width, dtype=torch.float64)
-    count = 0
-    calls: list[AttentionCall] = []
-
-    def accumulate(module: Any, args: tuple, kwargs: dict) -> None:
-        nonlocal moment, count
-        x = (args[0] if args else kwargs["hidden_states"]).reshape(-1, width - 1).double()
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-        moment += x.T @ x
-        count += len(x)
-
-    def record(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        calls.append((hidden.detach(), rest, (output[0] if isinstance(output, tuple) else output).detach()))
-
-    hooks = [attention.register_forward_pre_hook(accumulate, with_kwargs=True)]
-    if keep_activations:
-        hooks.append(attention.register_forward_hook(record, with_kwargs=True))
-    outputs = []
-    with torch.no_grad():
-        for hidden, kwargs in inputs:
-            output = layer(hidden, **kwargs)
-            outputs.append((output[0] if isinstance(output, tuple) else output, kwargs))
-    for hook in hooks:
-        hook.remove()
-    return LayerStats(moment, count, calls if keep_activations else None), outputs
-
-
-def layer_statistics(
-    checkpoint: Checkpoint, ids: torch.Tensor, batch_size: int = 4, keep_activations: bool = False
-) -> Iterator[tuple[int, LayerStats]]:
-    """Yield (layer index, statistics) in layer order, propagating the source model's hidden states."""
-    model = _shell(checkpoint)
+def first_layer_inputs(
+    checkpoint: Checkpoint, ids: torch.Tensor, device: str, batch_size: int
+) -> tuple[list[torch.Tensor], dict[str | None, list[dict[str, Any]]]]:
+    """The hidden states reaching the first layer (per batch) and, per layer type, the keyword
+    arguments every layer of that type gets (per batch)."""
+    model = _shell(checkpoint, device)
     first = _layers_module(model, checkpoint)[0]
-    inputs = _first_layer_inputs(model, first, ids, batch_size)
-    layer_class, implementation = type(first), model.config._attn_implementation
-    attention_name = checkpoint.architecture.attention_module
-    for index in range(int(checkpoint.config.num_hidden_layers)):
-        layer = _load_layer(layer_class, checkpoint, index, implementation)
-        stats, inputs = _run_layer(layer, getattr(layer, attention_name), inputs, keep_activations)
-        del layer
+    hidden: list[torch.Tensor] = []
+    kwargs_by_type: dict[str | None, list[dict[str, Any]]] = {}
+    for layer_type in dict.fromkeys(layer_types(checkpoint)):
+        if layer_type is not None:
+            model.config.layer_types[0] = layer_type  # read by the model's forward to pick the mask
+        caught: list[tuple[torch.Tensor, dict[str, Any]]] = []
 
-        def make_attention(kv_heads: int, index: int = index) -> Any:
-            config = copy.deepcopy(checkpoint.config)
-            config._attn_implementation = implementation
-            settings: dict[str, Any] = {}
-            write_kv_heads(settings, config, checkpoint.architecture, kv_heads)
-            for key, value in settings.items():
-                setattr(config, key, value)
-            return getattr(layer_class(config, index), attention_name).float()
+        def catch(module: Any, args: tuple, kwargs: dict, caught: list = caught) -> None:
+            state = args[0] if args else kwargs.pop("hidden_states")
+            caught.append((state.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            raise _Caught
 
-        stats.make_attention = make_attention
-        yield index, stats
+        handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                try:
+                    model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
+                except _Caught:
+                    pass
+        handle.remove()
+        hidden = [state for state, _ in caught]
+        kwargs_by_type[layer_type] = [kwargs for _, kwargs in caught]
+    del model
+    return hidden, kwargs_by_type
 
 
-def _load_layer(layer_class: type, checkpoint: Checkpoint, index: int, attention: str) -> Any:
-    config = copy.deepcopy(checkpoint.config)
-    config._attn_implementation = attention  # what the shell model chose: its mask was made for it
-    layer = layer_class(config, index).eval().float()
+def load_layer(checkpoint: Checkpoint, index: int, device: str, template: Any) -> Any:
+    """Decoder layer `index` of the source, float32 on `device` (template: any layer of the model
+    class, for its type)."""
+    with torch.device(device):
+        layer = type(template)(layer_config(checkpoint), index).eval().float()
     prefix = checkpoint.architecture.layer_prefix.format(layer=index)
     state = {
         name[len(prefix) :]: checkpoint.get(name).float() for name in checkpoint.tensors if name.startswith(prefix)
@@ -178,3 +155,16 @@ def _load_layer(layer_class: type, checkpoint: Checkpoint, index: int, attention
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     return layer
+
+
+def layer_template(checkpoint: Checkpoint) -> Any:
+    """One decoder layer on the meta device: its class builds the real ones."""
+    from transformers import AutoModelForCausalLM
+
+    config = layer_config(checkpoint)
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
+    return _layers_module(model, checkpoint)[0]

@@ -7,22 +7,49 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
-from gqa_convert.arch import rotary_dim
+from gqa_convert.arch import Layout
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import Checkpoint
-from gqa_convert.surgery.calibration.activations import calibration_ids, layer_statistics
-from gqa_convert.surgery.calibration.aligned import Attention
+from gqa_convert.surgery.calibration.activations import calibration_ids
+from gqa_convert.surgery.calibration.linalg import Attention, Groups, first_of_group, repeat_by_group
 from gqa_convert.surgery.calibration.refine import refine
+from gqa_convert.surgery.calibration.sequential import LayerCalibration, run_layers
+from gqa_convert.surgery.calibration.settings import Calibration
+from gqa_convert.surgery.calibration.trials import attention_state
 from gqa_convert.surgery.groupings import Grouping
+from gqa_convert.surgery.layouts import regroup_per_head, regroup_tensor
 from gqa_convert.surgery.methods import Method
-from gqa_convert.surgery.options import Calibration
 from gqa_convert.surgery.plan import HeadPlan, query_order_for
+
+
+def _attention_from(
+    get: Callable[[str], torch.Tensor | None], names: dict[str, str], num_heads: int, kv_heads: int, hd: int
+) -> Attention:
+    """q/k/v/o as float64 heads (biases as a last column) from a tensor getter (None: absent)."""
+
+    def heads(role: str, count: int) -> tuple[torch.Tensor, bool]:
+        weight = get(names[role] + ".weight")
+        assert weight is not None
+        weight = weight.double()
+        bias = get(names[role] + ".bias")
+        column = bias.double() if bias is not None else torch.zeros(len(weight), dtype=torch.float64)
+        return torch.cat([weight, column[:, None]], dim=1).reshape(count, hd, -1), bias is not None
+
+    q, q_bias = heads("q", num_heads)
+    k, k_bias = heads("k", kv_heads)
+    v, v_bias = heads("v", kv_heads)
+    o = get(names["o"] + ".weight")
+    assert o is not None
+    return Attention(q, k, v, o.double().reshape(-1, num_heads, hd), q_bias, k_bias, v_bias)
 
 
 def read_attention(checkpoint: Checkpoint, layer: int, plan: HeadPlan) -> tuple[Attention, dict[str, str]]:
@@ -31,20 +58,11 @@ def read_attention(checkpoint: Checkpoint, layer: int, plan: HeadPlan) -> tuple[
     assert arch.projections is not None
     prefix = arch.layer_prefix.format(layer=layer)
     names = {role: prefix + suffix for role, suffix in arch.projections.items()}
-    hd = plan.head_dim
 
-    def heads(role: str, count: int) -> tuple[torch.Tensor, bool]:
-        weight = checkpoint.get(names[role] + ".weight").double()
-        bias_name = names[role] + ".bias"
-        has_bias = bias_name in checkpoint.tensors
-        bias = checkpoint.get(bias_name).double() if has_bias else torch.zeros(len(weight), dtype=torch.float64)
-        return torch.cat([weight, bias[:, None]], dim=1).reshape(count, hd, -1), has_bias
+    def get(name: str) -> torch.Tensor | None:
+        return checkpoint.get(name) if name in checkpoint.tensors else None
 
-    q, q_bias = heads("q", plan.num_heads)
-    k, k_bias = heads("k", plan.old_kv)
-    v, v_bias = heads("v", plan.old_kv)
-    o = checkpoint.get(names["o"] + ".weight").double().reshape(-1, plan.num_heads, hd)
-    return Attention(q, k, v, o, q_bias, k_bias, v_bias), names
+    return _attention_from(get, names, plan.num_heads, plan.old_kv, plan.head_dim), names
 
 
 def attention_tensors(
@@ -100,44 +118,128 @@ def _progress() -> Progress:
     return Progress(*columns)
 
 
+def source_kv_norms(checkpoint: Checkpoint, layer: int, plan: HeadPlan) -> dict[str, torch.Tensor]:
+    """The kv-dependent tensors besides K/V (k norms) merged by the plan's rule and repeated back to
+    the source's kv count, named inside the attention module: what the merged layer computes with."""
+    arch = checkpoint.architecture
+    prefix = arch.layer_prefix.format(layer=layer)
+    module_prefix = arch.attention_module + "."
+    projected = {f"{name}.{param}" for name in (arch.projections or {}).values() for param in ("weight", "bias")}
+    back = {k: g for g, group in enumerate(plan.groups) for k in group}
+    expand_plan = HeadPlan(plan.num_heads, plan.new_kv, tuple((back[k],) for k in range(plan.old_kv)), plan.head_dim)
+    state = {}
+    for entry in arch.kv_tensors:
+        if entry.suffix in projected:
+            continue
+        if entry.layout == Layout.PER_HEAD:
+            names = [prefix + entry.suffix.format(head=h) for h in range(plan.old_kv)]
+            if names[0] not in checkpoint.tensors:
+                continue
+            merged = regroup_per_head(entry, [checkpoint.get(n).float() for n in names], plan, names[0])
+            for head, tensor in enumerate(regroup_per_head(entry, merged, expand_plan, names[0])):
+                state[entry.suffix.format(head=head).removeprefix(module_prefix)] = tensor
+        elif prefix + entry.suffix in checkpoint.tensors:
+            name = prefix + entry.suffix
+            merged = regroup_tensor(entry, checkpoint.get(name).float(), plan, name)
+            state[entry.suffix.removeprefix(module_prefix)] = regroup_tensor(entry, merged, expand_plan, name)
+    return state
+
+
+def output_layout(merged: Attention, groups: Groups) -> Attention:
+    """The source-layout merged attention (kv heads repeated by group) -> one kv head per group."""
+    return dataclasses.replace(merged, k=first_of_group(merged.k, groups), v=first_of_group(merged.v, groups))
+
+
+def _summary(layer: int, report: dict[str, Any]) -> str:
+    parts = [f"layer {layer}:"]
+    if "keys" in report:
+        band = f" (band of {report['band_pairs']} pairs)" if report.get("band_pairs") else ""
+        parts.append(f"K {report['keys']}{band}")
+    if "output_check" in report:
+        before, after = report["output_check"]
+        parts.append(f"o_proj solve {'kept' if report['output_solved'] else 'not kept'} ({before:.4f} -> {after:.4f})")
+    if "refine" in report:
+        parts.append("refined {:.4f} -> {:.4f}".format(*report["refine"]))
+    return " ".join(parts)
+
+
+@dataclass
+class _Pass:
+    """The calibrated pass's inputs and what it collects, layer by layer."""
+
+    checkpoint: Checkpoint
+    base: HeadPlan
+    method: Method
+    grouping: Grouping
+    calibration: Calibration
+    workdir: Path
+    key_norm: bool
+    log: Callable[[str], None]
+    plans: dict[int, HeadPlan] = field(default_factory=dict)
+    overrides: dict[str, Path] = field(default_factory=dict)
+
+    def visit(self, layer: LayerCalibration) -> dict[str, torch.Tensor] | None:
+        """Groups and (calibrated method) merged tensors of one layer; the state the next layers see."""
+        attention, names = read_attention(self.checkpoint, layer.index, self.base)
+        attention = attention.to(layer.device)
+        plan = self.base
+        if self.grouping.choose is not None:
+            groups = self.grouping.choose(attention, layer, self.base.new_kv)
+            plan = dataclasses.replace(self.base, groups=groups, query_order=query_order_for(groups, plan.readers()))
+        self.plans[layer.index] = plan
+        if self.method.merge_layer is None:
+            return None
+        if self.key_norm:
+            layer.kv_norms = {
+                k: v.to(layer.device) for k, v in source_kv_norms(self.checkpoint, layer.index, plan).items()
+            }
+        merged = self.method.merge_layer(attention, layer, plan.groups, plan.readers(), self.calibration)
+        dtypes = {name: info.dtype for name, info in self.checkpoint.tensors.items()}
+        tensors = attention_tensors(output_layout(merged.attention, plan.groups).to("cpu"), names, dtypes)
+        source_layout = merged.attention
+        if self.calibration.refine_steps > 0:
+            tensors, source_layout = self._refine(layer, plan, names, tensors, merged.report)
+        path = self.workdir / f"layer-{layer.index:05d}.safetensors"
+        save_file(tensors, path)
+        self.overrides.update(dict.fromkeys(tensors, path))
+        self.log(_summary(layer.index, merged.report))
+        return {**attention_state(source_layout, layer.projections), **layer.kv_norms}
+
+    def _refine(self, layer, plan, names, tensors, report):
+        arch = self.checkpoint.architecture
+        prefix = arch.layer_prefix.format(layer=layer.index) + arch.attention_module + "."
+        query_dims = {q.suffix.split(".", 1)[1]: q.dim for q in arch.query_tensors}
+        calibration = self.calibration
+        tensors, before, after = refine(
+            layer, tensors, plan, prefix, query_dims, calibration.refine_steps, calibration.refine_lr
+        )
+        report["refine"] = (before, after)
+        refined = _attention_from(tensors.get, names, plan.num_heads, plan.new_kv, plan.head_dim).to(layer.device)
+        old_kv = plan.old_kv
+        source_layout = dataclasses.replace(
+            refined,
+            k=repeat_by_group(refined.k, plan.groups, old_kv),
+            v=repeat_by_group(refined.v, plan.groups, old_kv),
+        )
+        return tensors, source_layout
+
+
 def calibrate_plans(
     checkpoint: Checkpoint, base: HeadPlan, method: Method, grouping: Grouping, calibration: Calibration, workdir: Path
 ) -> tuple[dict[int, HeadPlan], dict[str, Path]]:
     """Per-layer plans (groups, query order) and, for a calibrated method, files of merged tensors."""
     key_norm = _check_supported(checkpoint, method, grouping)
-    arch = checkpoint.architecture
-    rotary = rotary_dim(checkpoint.config, base.head_dim)
-    ids = calibration_ids(
-        checkpoint, calibration.data, calibration.tokens, calibration.seq_len, calibration.text_column
-    )
-    refining = method.needs_calibration and calibration.refine_steps > 0
-    # q rows and o columns, relative to the attention module: the tensors a query permutation moves
-    query_dims = {q.suffix.split(".", 1)[1]: q.dim for q in arch.query_tensors}
-    dtypes = {name: info.dtype for name, info in checkpoint.tensors.items()}
-    plans: dict[int, HeadPlan] = {}
-    overrides: dict[str, Path] = {}
+    if not method.needs_calibration:  # nothing is merged from calibration: both streams would be the same
+        calibration = dataclasses.replace(calibration, sequential=False)
+    ids = calibration_ids(checkpoint, calibration)
     with _progress() as progress:
         task = progress.add_task("calibrate", total=int(checkpoint.config.num_hidden_layers))
-        for layer, stats in layer_statistics(checkpoint, ids, keep_activations=refining):
-            attention, names = read_attention(checkpoint, layer, base)
-            plan = base
-            if grouping.choose is not None:
-                groups = grouping.choose(attention, stats.second_moment, rotary, base.new_kv)
-                plan = dataclasses.replace(base, groups=groups, query_order=query_order_for(groups, base.readers()))
-            plans[layer] = plan
-            if method.merge_layer is not None:
-                merged = method.merge_layer(
-                    attention, stats.second_moment, plan.groups, plan.readers(), rotary, key_norm
-                )
-                tensors = attention_tensors(merged, names, dtypes)
-                if refining:
-                    prefix = arch.layer_prefix.format(layer=layer) + arch.attention_module + "."
-                    tensors, before, after = refine(
-                        stats, tensors, plan, prefix, query_dims, calibration.refine_steps, calibration.refine_lr
-                    )
-                    progress.console.log(f"layer {layer}: held-out attention error {before:.4f} -> {after:.4f}")
-                path = workdir / f"layer-{layer:05d}.safetensors"
-                save_file(tensors, path)
-                overrides.update(dict.fromkeys(tensors, path))
+        work = _Pass(checkpoint, base, method, grouping, calibration, workdir, key_norm, progress.console.log)
+
+        def visit(layer: LayerCalibration) -> dict[str, torch.Tensor] | None:
+            state = work.visit(layer)
             progress.advance(task)
-    return plans, overrides
+            return state
+
+        run_layers(checkpoint, ids, calibration, key_norm, visit)
+    return work.plans, work.overrides

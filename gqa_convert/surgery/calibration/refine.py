@@ -1,5 +1,5 @@
 """Refinement: fit one layer's merged q/k/v/o to the original attention module's outputs on the
-calibration inputs (relative squared error, Adam, full batch). The last quarter of the calibration
+calibration inputs (the student's inputs with sequential calibration) (relative squared error, Adam, full batch). The last quarter of the calibration
 batches is held out and the step kept is the best there, so refinement never makes that fit worse."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from gqa_convert.surgery.calibration.activations import AttentionCall, LayerStats
+from gqa_convert.surgery.calibration.sequential import AttentionCall, LayerCalibration
 from gqa_convert.surgery.layouts import permute_query_tensor
 from gqa_convert.surgery.plan import HeadPlan
 
@@ -45,7 +45,7 @@ def _fit(module: Any, train: Sequence[AttentionCall], check: Sequence[AttentionC
 
 
 def refine(
-    stats: LayerStats,
+    stats: LayerCalibration,
     tensors: dict[str, torch.Tensor],
     plan: HeadPlan,
     attention_prefix: str,
@@ -55,10 +55,9 @@ def refine(
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Refine the merged tensors of one layer (names under attention_prefix, query heads in source
     order). Returns the tensors and the held-out error before and after."""
-    calls = stats.attention_calls or []
+    calls = stats.calls
     held = max(1, len(calls) // 4)
     train, check = calls[:-held], calls[-held:]
-    assert stats.make_attention is not None
     module = stats.make_attention(plan.new_kv)
     local = {}
     for name, tensor in tensors.items():  # into the plan's query order: the order the module computes in
@@ -83,5 +82,5 @@ def refine(
         value, dim = best_state[key], query_dims.get(key)
         if dim is not None:
             value = permute_query_tensor(value, dim, plan.num_heads, inverse)
-        refined[name] = value.to(tensor.dtype).contiguous()
+        refined[name] = value.to("cpu", tensor.dtype).contiguous()
     return refined, before, best

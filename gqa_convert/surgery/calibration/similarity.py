@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from gqa_convert.surgery.calibration.aligned import Attention, cholesky, rotary_pairs
+from gqa_convert.surgery.calibration.linalg import Attention, cholesky
+from gqa_convert.surgery.calibration.sequential import LayerCalibration
 
 
-def head_similarity(attention: Attention, moment: torch.Tensor, rotary: int) -> torch.Tensor:
+def head_similarity(attention: Attention, moment: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """(nkv, nkv) in [0, 1]: how well two kv heads share one head, after alignment. V: mean squared
-    cosine of the principal angles between their whitened value subspaces. K: per frequency, the
+    cosine of the principal angles between their whitened value subspaces. K: per RoPE pair, the
     squared correlation of their complex keys (a complex scale aligns them), averaged."""
     nkv, hd, _ = attention.v.shape
     lower = cholesky(moment)
@@ -18,8 +19,7 @@ def head_similarity(attention: Attention, moment: torch.Tensor, rotary: int) -> 
     value = torch.stack(
         [torch.stack([(bases[a].T @ bases[b]).pow(2).sum() / hd for b in range(nkv)]) for a in range(nkv)]
     )
-    key = torch.zeros(nkv, nkv, dtype=torch.float64)
-    pairs = rotary_pairs(hd, rotary)
+    key = torch.zeros(nkv, nkv, dtype=torch.float64, device=moment.device)
     s = moment.to(torch.complex128)
     for i, j in pairs:
         keys = torch.complex(attention.k[:, i], attention.k[:, j])  # (nkv, width)
@@ -43,7 +43,5 @@ def similar_groups(similarity: torch.Tensor, kv_heads: int) -> tuple[tuple[int, 
     return tuple(groups)
 
 
-def groups_by_similarity(
-    attention: Attention, moment: torch.Tensor, rotary: int, kv_heads: int
-) -> tuple[tuple[int, ...], ...]:
-    return similar_groups(head_similarity(attention, moment, rotary), kv_heads)
+def groups_by_similarity(attention: Attention, layer: LayerCalibration, kv_heads: int) -> tuple[tuple[int, ...], ...]:
+    return similar_groups(head_similarity(attention, layer.moment, layer.pairs), kv_heads)

@@ -1,0 +1,82 @@
+"""The calibration settings of the calibrated methods and groupings, validated where they are built.
+
+The defaults are the best recipe measured on SmolLM2-135M (docs/results.md): frequency-aware K merge,
+attended V moment, joint o_proj solve (ridge 0.3), sequential calibration. The old closed-form merge
+is `key_merge="complex", value_moment="plain", output_ridge=None, sequential=False`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gqa_convert.errors import GQAConvertError
+
+KEY_MERGES = ("frequency", "complex")
+VALUE_MOMENTS = ("attended", "plain")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """Calibration text and how the calibrated merge uses it."""
+
+    data: str
+    extra_data: tuple[str, ...] = ()  # texts of other domains; the tokens are shared equally, windows interleaved
+    tokens: int = 16384
+    seq_len: int = 512
+    text_column: str = "text"
+    # frequency: per layer, the complex per-pair merge or the low band (pairs rotating <= band_angle rad
+    # over seq_len) merged as a linear map (projection or polar gauge), chosen by K-only attention error
+    key_merge: str = "frequency"
+    band_angle: float = 1.0
+    value_moment: str = "attended"  # attended: what each head's values are averaged over; plain: the inputs
+    output_ridge: float | None = 0.3  # joint o_proj least squares (relative ridge); None: no solve
+    sequential: bool = True  # each layer calibrated on the outputs of the merged layers before it
+    refine_steps: int = 0  # Adam steps per layer fitting the merged attention to the original
+    refine_lr: float = 3e-4
+    device: str = "auto"  # auto: cuda when available
+
+    def __post_init__(self) -> None:
+        if self.tokens < 1 or self.seq_len < 2:
+            raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
+        if self.refine_steps < 0 or self.refine_lr <= 0:
+            raise GQAConvertError("--refine-steps must be at least 0 and --refine-lr positive")
+        if self.key_merge not in KEY_MERGES:
+            raise GQAConvertError(f"unknown key merge '{self.key_merge}'; choose one of: {', '.join(KEY_MERGES)}")
+        if self.value_moment not in VALUE_MOMENTS:
+            raise GQAConvertError(
+                f"unknown value moment '{self.value_moment}'; choose one of: {', '.join(VALUE_MOMENTS)}"
+            )
+        if not self.band_angle > 0:
+            raise GQAConvertError("--band-angle must be positive (radians of rotation over --calib-seq-len)")
+        if self.output_ridge is not None and not self.output_ridge >= 0:
+            raise GQAConvertError("--output-ridge must be at least 0 (or none to skip the o_proj solve)")
+        if self.device.split(":")[0] not in DEVICES or (self.device.startswith(("auto:", "cpu:"))):
+            raise GQAConvertError(f"unknown device '{self.device}'; choose auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
+            _check_cuda(self.device)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.data, *self.extra_data)
+
+    def torch_device(self) -> str:
+        """The device the calibration runs on: auto is cuda when one is visible, else cpu."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check_cuda(device: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GQAConvertError(f"--device {device}: no CUDA device is visible to torch; use --device cpu (or auto)")
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise GQAConvertError(
+            f"--device {device}: torch sees {torch.cuda.device_count()} CUDA devices; choose cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}"
+        )

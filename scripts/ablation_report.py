@@ -1,0 +1,202 @@
+"""docs/results.md and docs/recovery.png from the results of scripts/ablation.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VARIANT_NOTES = {
+    "mean": "the GQA paper's rule: the mean of each group's heads",
+    "first": "each group's first head (the paper's ablation)",
+    "random": "fresh heads drawn like the model's init (the paper's ablation)",
+    "aligned (old)": "the closed-form merge before the current recipe: complex per-pair K, plain-moment V, "
+    "no o_proj solve, not sequential (`--key-merge complex --value-moment plain --no-output-solve "
+    "--no-calib-sequential`)",
+    "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, attended V, joint "
+    "o_proj solve (ridge 0.3), sequential calibration",
+    "aligned, not sequential": "the same, each layer calibrated on the source's own inputs (`--no-calib-sequential`)",
+    "aligned, mixed calibration": "the same, calibrated on the calibration text plus as many tokens of another "
+    "domain's text (`--calib-extra FILE`)",
+    "aligned + refine": "the same, then `--refine-steps` Adam steps per layer",
+    "aligned + similarity": "the same, with `--grouping similarity`",
+}
+
+
+SKIPPED_NOTE = (
+    "B: SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--grouping similarity`; C: the same -> MQA"
+)
+CONVERT_NOTE = (
+    "Convert seconds are wall-clock on a CPU shared with other jobs: they vary with the load and compare "
+    "only roughly, even within one run."
+)
+
+
+def _ratio(value: float, original: float) -> str:
+    return f"{value:,.2f} ({value / original:,.2f}x)"
+
+
+def _init_table(results: dict, ood_names: list[str]) -> list[str]:
+    original = results["original"]
+    header = "| setup | variant | grouping | held-out | " + " | ".join(ood_names) + " | convert s |"
+    lines = [header, "|" + "---|" * (5 + len(ood_names))]
+    for row in results["init"]:
+        target = "MQA" if row["kv_heads"] == 1 else "GQA-{}".format(row["kv_heads"])
+        cells = [_ratio(row["heldout"], original["heldout"])]
+        cells += [_ratio(row[name], original[name]) for name in ood_names]
+        lines.append(
+            f"| {row['source']} -> {target} | {row['variant']} | {row['grouping']} | "
+            + " | ".join(cells)
+            + f" | {row['convert_s']:,.0f} |"
+        )
+    return lines
+
+
+def _verdict(value: float, target: float, goal: float) -> str:
+    if value <= goal:
+        return "**met** (goal met too)"
+    return "**met** (goal not met)" if value <= target else "**not met**"
+
+
+def _goals(results: dict, ood_names: list[str]) -> list[str]:
+    original = results["original"]
+    by = {(r["setup"], r["variant"]): r for r in results["init"]}
+    lines = ["## Against the project's goals", ""]
+    row = by.get(("A", "aligned"))
+    if row:
+        ratio = row["heldout"] / original["heldout"]
+        lines.append(
+            f"- GQA-3 -> MQA, `aligned`, no training, held-out: {ratio:.2f}x the original (target <= 2.0x, goal 1.5x): {_verdict(ratio, 2.0, 1.5)}."
+        )
+        for name in ood_names:
+            ratio = row[name] / original[name]
+            lines.append(
+                f"- The same on `{name[4:]}` (another domain), calibrated on the calibration text only: {ratio:.2f}x (target <= 6x, goal 1.5x): {_verdict(ratio, 6.0, 1.5)}."
+            )
+    mixed = by.get(("A", "aligned, mixed calibration"))
+    if mixed:
+        for name in ood_names:
+            ratio = mixed[name] / original[name]
+            lines.append(
+                f"- The same on `{name[4:]}`, calibration mixed with another domain's text (not this one): {ratio:.2f}x (target <= 6x, goal 1.5x): {_verdict(ratio, 6.0, 1.5)}; held-out {mixed['heldout'] / original['heldout']:.2f}x."
+            )
+    for run in results["uptrain"]:
+        if run["variant"] == "aligned":
+            ratio = run["curve"][-1][1] / original["heldout"]
+            lines.append(
+                f"- `aligned` init after {run['curve'][-1][0]:,} distilled tokens: {ratio:.2f}x (target <= 1.6x): {_verdict(ratio, 1.6, 1.6)}."
+            )
+    similar = by.get(("B", "aligned + similarity"))
+    if similar:
+        ratio = similar["heldout"] / results["mha9"]
+        verdict = "**met**" if abs(ratio - 1) <= 0.01 else "**not met**"
+        lines.append(
+            f"- Similarity grouping on shuffled heads: {ratio:.4f}x the MHA-9 expansion (exact expected, within 1%): {verdict}."
+        )
+    return lines
+
+
+def _diagnostic(results: dict, ood_names: list[str]) -> list[str]:
+    if not results["diagnostic"]:
+        return []
+    original = results["original"]
+    lines = [
+        "## Where the loss is: K only, V only (setup A)",
+        "",
+        "The same recipe with one side merged (to one head, repeated to every kv head) and the other kept "
+        "as in the source (`scripts/merge_diagnostic.py`).",
+        "",
+        "| variant | merged | held-out | " + " | ".join(ood_names) + " |",
+        "|" + "---|" * (3 + len(ood_names)),
+    ]
+    for row in results["diagnostic"]:
+        cells = [_ratio(row["heldout"], original["heldout"])] + [_ratio(row[n], original[n]) for n in ood_names]
+        lines.append(f"| {row['variant']} | {row['side']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _uptraining(results: dict) -> list[str]:
+    if not results["uptrain"]:
+        return []
+    settings = results["settings"]
+    lines = [
+        f"## After distillation (setup A, {settings['uptrain_tokens']:,} tokens of the calibration text, "
+        f"attention parameters, lr {settings['lr']}, batches of 4 x 512, KL to the GQA-3 teacher)",
+        "",
+        "| init | held-out perplexity at tokens trained | seconds |",
+        "|---|---|---|",
+    ]
+    for run in results["uptrain"]:
+        curve = ", ".join(f"{tokens:,}: {value:,.1f}" for tokens, value in run["curve"])
+        lines.append(f"| {run['variant']} | {curve} | {run['seconds']:,} |")
+    return lines + ["", "![held-out perplexity against distillation tokens](recovery.png)"]
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    original, settings = results["original"], results["settings"]
+    ood_names = [name for name in original if name.startswith("ood:")]
+    lines = [
+        "# Merge ablation on SmolLM2-135M",
+        "",
+        f"Command: `{results['command']}` ({results['minutes']} min on {results['machine']}, {results['date']}).",
+        f"Held-out: the last 30% of `{Path(settings['text']).name}`, first {settings['eval_tokens']} tokens, windows of "
+        f"512. Other domains: " + ", ".join(f"`{n[4:]}`" for n in ood_names) + f" (first {settings['eval_tokens']} "
+        f"tokens, windows of 512; never calibrated on). Calibration: the first {settings['calib_tokens']} tokens of "
+        "the first 70%, windows of 512. Perplexity, and in brackets its ratio to the original's.",
+        "",
+        "Original SmolLM2-135M-Instruct (GQA-3, Q4_1 GGUF dequantized): "
+        + ", ".join(f"{name}: **{value:.2f}**" for name, value in original.items())
+        + (
+            f". Its MHA-9 expansion with shuffled heads: {results['mha9']:.2f} (the same function)."
+            if "mha9" in results
+            else "."
+        ),
+        "",
+        "## At init (no training)",
+        "",
+        *_init_table(results, ood_names),
+        "",
+        *[
+            f"- `{name}`: {note}."
+            for name, note in VARIANT_NOTES.items()
+            if any(r["variant"] == name for r in results["init"])
+        ],
+        "",
+        *_goals(results, ood_names),
+        "",
+        *_diagnostic(results, ood_names),
+        "",
+        *_uptraining(results),
+    ]
+    if settings.get("calib_extra"):
+        lines += [
+            "",
+            f"Mixed calibration text: `{Path(settings['calib_extra']).name}`, made by "
+            f"`python scripts/make_ood_text.py --kind readme --out {settings['calib_extra']}` (the long descriptions "
+            "of the installed Python packages: its content depends on what is installed).",
+        ]
+    skipped = [setup for setup in ("A", "B", "C") if setup not in settings["setups"].split(",")]
+    if skipped:
+        lines += ["", f"Not run here (`--setups {settings['setups']}`): setups {', '.join(skipped)} ({SKIPPED_NOTE})."]
+    lines += ["", CONVERT_NOTE]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(results: dict, path: Path) -> None:
+    if not results["uptrain"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for run in results["uptrain"]:
+        tokens, values = zip(*run["curve"])
+        axis.plot(tokens, values, marker="o", label=f"{run['variant']} init")
+    axis.axhline(results["original"]["heldout"], color="gray", linestyle="--", label="original GQA-3")
+    axis.set_yscale("log")
+    axis.set_xlabel("distillation tokens")
+    axis.set_ylabel("held-out perplexity (log)")
+    axis.set_title("SmolLM2-135M GQA-3 -> MQA: recovery by init")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

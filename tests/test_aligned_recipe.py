@@ -1,0 +1,262 @@
+"""The parts of the aligned recipe on tiny models: the frequency-aware K merge undoes what the complex
+merge cannot, sequential calibration feeds each layer the merged layers' outputs, mixed calibration
+texts are interleaved, the calibration device and the options are checked."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from test_calibrated import PLAIN, SAMPLE, build
+
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.sources import open_checkpoint
+from gqa_convert.surgery.calibration.activations import calibration_ids
+from gqa_convert.surgery.calibration.sequential import run_layers
+from gqa_convert.surgery.convert import expand, pool
+from gqa_convert.surgery.options import Calibration, PoolOptions
+
+from test_bad_input import fails, runner
+from tiny_models import load, logits
+
+TECHNICAL = SAMPLE.parent / "technical.txt"
+
+
+def mix_low_band(model: transformers.PreTrainedModel, heads: list[int], seq_len: int, seed: int = 0) -> int:
+    """In every layer of an MHA llama, mix the rows of the slowly rotating RoPE pairs (rotation <= 1
+    rad over seq_len) of the given heads' K by a random orthogonal map, and their queries alike: q.k
+    is unchanged where the rotation is small, but no per-pair complex scale undoes the mix."""
+    config = model.config
+    hd, half = config.head_dim, config.head_dim // 2
+    theta = config.rope_parameters["rope_theta"]
+    band = [i for i in range(half) if seq_len * theta ** (-2 * i / hd) <= 1.0]
+    rows = band + [i + half for i in band]
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            for head in heads:
+                mix = torch.linalg.qr(torch.randn(len(rows), len(rows), generator=generator)).Q
+                index = [head * hd + r for r in rows]
+                for projection in (attention.q_proj, attention.k_proj):
+                    projection.weight[index] = mix @ projection.weight[index]
+    return len(band)
+
+
+def test_frequency_aware_keys_undo_a_mix_the_complex_merge_cannot(tmp_path):
+    build(tmp_path / "src", "llama", attention_bias=False)
+    expand(tmp_path / "src", tmp_path / "mha")
+    mixed = load(tmp_path / "mha")
+    assert mix_low_band(mixed, heads=[1, 3], seq_len=64) >= 2  # kv heads 1 and 3: second copies of 0 and 2
+    mixed.save_pretrained(tmp_path / "mixed")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "mixed")
+    reference = logits(mixed)
+    errors = {}
+    for key_merge in ("complex", "frequency"):
+        settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, **{**PLAIN, "key_merge": key_merge})
+        pool(tmp_path / "mixed", tmp_path / key_merge, PoolOptions(kv_heads=2, method="aligned", calibration=settings))
+        errors[key_merge] = float((logits(load(tmp_path / key_merge)) - reference).pow(2).mean().sqrt())
+    assert errors["frequency"] * 5 < errors["complex"], errors
+
+
+def rotate_rope_pairs(model: transformers.PreTrainedModel, heads: list[int], pairs: list[tuple[int, int]]) -> None:
+    """Rotate every RoPE pair of the given heads' K and of their queries, biases included (MHA: head h
+    reads kv head h), by its own random angle: a rotation in a pair's plane commutes with RoPE, the
+    function stays."""
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer, head, (a, b) in itertools.product(model.model.layers, heads, pairs):
+            angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+            rotation = torch.tensor([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+            rows = [head * hd + a, head * hd + b]
+            for projection in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                projection.weight[rows] = rotation @ projection.weight[rows]
+                if projection.bias is not None:
+                    projection.bias[rows] = rotation @ projection.bias[rows]
+
+
+# the RoPE pairs as transformers' modeling files rotate them: llama rotate_half, cohere interleaved
+ROPE_PAIRS = {
+    "llama": lambda hd: [(i, i + hd // 2) for i in range(hd // 2)],
+    "cohere": lambda hd: [(2 * i, 2 * i + 1) for i in range(hd // 2)],
+}
+
+
+def key_only_errors(model_dir, settings: Calibration) -> list[float]:
+    """Per layer, the relative attention-output error of the K merge alone (V and o_proj kept) to one
+    kv head per pair of heads, on the calibration inputs: sensitive where logits of a tiny model are not."""
+    from gqa_convert.surgery.calibration.aligned import aligned_merge
+    from gqa_convert.surgery.calibration.plans import read_attention
+    from gqa_convert.surgery.calibration.trials import attention_error, attention_state
+    from gqa_convert.surgery.plan import HeadPlan
+
+    checkpoint = open_checkpoint(model_dir)
+    plan = HeadPlan(4, 4, ((0, 1), (2, 3)), 16)
+    errors = []
+
+    def visit(layer):
+        attention = read_attention(checkpoint, layer.index, plan)[0]
+        merged = aligned_merge(attention, layer, plan.groups, plan.readers(), settings, sides=("k",))
+        errors.append(attention_error(layer, attention_state(merged.attention, layer.projections), len(layer.calls)))
+
+    run_layers(checkpoint, calibration_ids(checkpoint, settings), settings, key_norm=False, visit=visit)
+    return errors
+
+
+@pytest.mark.parametrize("model_type, overrides", [("llama", {}), ("cohere", {"use_qk_norm": False})])
+def test_heads_that_differ_by_a_rotation_per_rope_pair_merge_exactly(tmp_path, model_type, overrides):
+    original = build(tmp_path / "src", model_type, **overrides)
+    expand(tmp_path / "src", tmp_path / "mha")
+    rotated = load(tmp_path / "mha")
+    rotate_rope_pairs(rotated, heads=[1, 3], pairs=ROPE_PAIRS[model_type](64 // 4))  # tiny: hidden 64, 4 heads
+    torch.testing.assert_close(logits(rotated), logits(original), atol=2e-3, rtol=2e-3)  # the same function
+    rotated.save_pretrained(tmp_path / "rotated")
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "rotated")
+    complex_only = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, **PLAIN)
+    assert max(key_only_errors(tmp_path / "rotated", complex_only)) < 1e-9  # a wrong pairing: 1e-6 .. 1e-5
+    assert max(key_only_errors(tmp_path / "mha", dataclasses.replace(complex_only, key_merge="frequency"))) < 1e-9
+    settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
+    pool(tmp_path / "rotated", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=settings))
+    torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
+
+
+def test_sequential_calibration_sees_the_merged_layers_outputs(tmp_path):
+    """A visitor that halves layer 0's o_proj: with sequential calibration layer 1's attention inputs
+    are those of the model so changed (computed here by transformers), without it the source's; the
+    targets are the source's attention outputs either way."""
+    source = build(tmp_path / "src", "llama")
+    checkpoint = open_checkpoint(tmp_path / "src")
+    changed = load(tmp_path / "src")
+    with torch.no_grad():
+        changed.model.layers[0].self_attn.o_proj.weight.mul_(0.5)
+    for sequential, model in ((True, changed), (False, source)):
+        settings = Calibration(data=str(SAMPLE), tokens=256, seq_len=64, sequential=sequential, device="cpu")
+        ids = calibration_ids(checkpoint, settings)
+        seen = {}
+
+        def visit(layer, seen=seen):
+            seen[layer.index] = layer
+            weight = layer.module.o_proj.weight
+            return {"o_proj.weight": weight * 0.5} if layer.index == 0 else None
+
+        run_layers(checkpoint, ids, settings, key_norm=False, visit=visit)
+        with torch.no_grad():
+            states = model(input_ids=ids[:4], output_hidden_states=True).hidden_states
+            expected = model.model.layers[1].input_layernorm(states[1])
+            source_states = source(input_ids=ids[:4], output_hidden_states=True).hidden_states
+        hidden, kwargs, target = seen[1].calls[0]
+        torch.testing.assert_close(hidden, expected, atol=1e-4, rtol=1e-4)
+        attention = source.model.layers[1].self_attn
+        with torch.no_grad():
+            source_output = attention(hidden_states=source.model.layers[1].input_layernorm(source_states[1]), **kwargs)[
+                0
+            ]
+        torch.testing.assert_close(target, source_output, atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_texts_are_shared_and_interleaved(tmp_path):
+    build(tmp_path / "src", "llama")
+    checkpoint = open_checkpoint(tmp_path / "src")
+    mixed = Calibration(data=str(SAMPLE), extra_data=(str(TECHNICAL),), tokens=512, seq_len=64)
+    ids = calibration_ids(checkpoint, mixed)
+    alone = [
+        calibration_ids(checkpoint, Calibration(data=str(text), tokens=256, seq_len=64)) for text in (SAMPLE, TECHNICAL)
+    ]
+    assert ids.shape == (8, 64)
+    torch.testing.assert_close(ids[0::2], alone[0])
+    torch.testing.assert_close(ids[1::2], alone[1])
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"key_merge": "rotary"}, "choose one of: frequency, complex"),
+        ({"value_moment": "attention"}, "choose one of: attended, plain"),
+        ({"band_angle": 0.0}, "--band-angle must be positive"),
+        ({"output_ridge": -1.0}, "--output-ridge must be at least 0"),
+        ({"device": "tpu"}, "choose auto, cpu, cuda or cuda:N"),
+        ({"device": "cpu:1"}, "choose auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_calibration_settings_are_refused(setting, message):
+    with pytest.raises(GQAConvertError, match=message.replace("-", "\\-")):
+        Calibration(data=str(SAMPLE), **setting)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
+def test_cuda_without_a_gpu_is_refused_on_one_line(tmp_path):
+    build(tmp_path / "src", "llama")
+    args = ["pool", tmp_path / "src", "-o", tmp_path / "out", "-g", 1, "--method", "aligned"]
+    fails([*args, "--calib-data", SAMPLE, "--device", "cuda"], "no CUDA device", "--device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_explicit_cpu_device_and_recipe_flags_from_the_cli(tmp_path):
+    """--device cpu and the recipe's flags reach the library (recorded in the provenance); the old
+    closed-form merge through the flags gives the same tensors as through the Python options."""
+    build(tmp_path / "src", "llama")
+    args = ["pool", str(tmp_path / "src"), "-g", "1", "--method", "aligned", "--calib-data", str(SAMPLE)]
+    args += ["--calib-tokens", "512", "--calib-seq-len", "64", "--device", "cpu"]
+    old = ["--key-merge", "complex", "--value-moment", "plain", "--no-output-solve", "--no-calib-sequential"]
+    result = runner.invoke(__import__("gqa_convert.cli").cli.app, [*args, *old, "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "cli" / "gqa_convert.json").read_text())
+    calibration = next(value for key, value in _walk(recorded) if key == "calibration")
+    assert calibration["device"] == "cpu" and calibration["key_merge"] == "complex"
+    assert calibration["output_ridge"] is None and calibration["sequential"] is False
+    settings = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, device="cpu", **PLAIN)
+    pool(tmp_path / "src", tmp_path / "api", PoolOptions(kv_heads=1, method="aligned", calibration=settings))
+    torch.testing.assert_close(logits(load(tmp_path / "cli")), logits(load(tmp_path / "api")), atol=0, rtol=0)
+    assert not math.isnan(float(logits(load(tmp_path / "cli")).sum()))
+
+
+def _walk(record):
+    if isinstance(record, dict):
+        for key, value in record.items():
+            yield key, value
+            yield from _walk(value)
+
+
+def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_improves():
+    from gqa_convert.surgery.calibration.output import OutputMoments, solve_output
+
+    generator = torch.Generator().manual_seed(0)
+    features = [torch.randn(2, 32, 12, generator=generator) for _ in range(4)]
+    truth = torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    start = truth + 0.3 * torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    moments = OutputMoments.zeros(12, 6, "cpu")
+    for index, f in enumerate(features):
+        moments.add(f, f.double() @ truth.T, check=index == 3)
+    solved, before, after = solve_output(start, moments, ridge=1e-9)
+    torch.testing.assert_close(solved, truth, atol=1e-5, rtol=1e-5)
+    assert after < 1e-9 < before
+    misleading = OutputMoments.zeros(12, 6, "cpu")  # the fit batches say one thing, the check another
+    for index, f in enumerate(features):
+        misleading.add(f, f.double() @ (start if index == 3 else truth).T, check=index == 3)
+    kept, before, after = solve_output(start, misleading, ridge=1e-9)
+    assert torch.equal(kept, start) and before < 1e-9 < after
+
+
+def test_cholesky_of_a_moment_made_indefinite_by_rounding():
+    """A rank-deficient moment nudged below zero in its null space (what float32 accumulation does)
+    factorizes with a grown ridge that stays small; a truly indefinite matrix still raises."""
+    from gqa_convert.surgery.calibration.linalg import cholesky
+
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randn(8, 32, generator=generator, dtype=torch.float64)
+    moment = data.T @ data  # rank 8 of 32
+    null = torch.linalg.eigh(moment)[1][:, 0]
+    nudged = moment - 1e-4 * moment.diagonal().mean() * torch.outer(null, null)
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(nudged + 1e-6 * nudged.diagonal().mean() * torch.eye(32, dtype=torch.float64))
+    lower = cholesky(nudged)
+    error = (lower @ lower.T - nudged).norm() / nudged.norm()
+    assert error < 2e-3
+    with pytest.raises(torch.linalg.LinAlgError):
+        cholesky(-moment)
