@@ -137,17 +137,22 @@ def work_name(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}-{THIS_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def work_folder(out: Path, kind: str) -> Path:
-    """A new work folder beside OUT, made like a plain mkdir (the umask decides its mode)."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        path = work_name(out, kind)
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+@contextlib.contextmanager
+def work_folder(out: Path, kind: str) -> Iterator[Path]:
+    """A new work folder beside OUT, made like a plain mkdir (the umask decides its mode) and removed
+    when the block ends, however it ends."""
+    path = work_name(out.resolve(), kind)
+    try:
+        _make(path)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _make(path: Path) -> None:
+    """Called inside the try that removes `path`: a signal arriving as mkdir returns cannot leave it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.mkdir()
 
 
 def remove_stale_work(out: Path) -> list[Path]:
@@ -241,11 +246,9 @@ def staged_output(out: Path, force: bool = False) -> Iterator[Path]:
     The caller holds output_lock(out); OUT is checked again before it is replaced, as it may have
     changed while the work ran."""
     out = out.resolve()
+    staging = work_name(out, "tmp")
     try:
-        staging = work_folder(out, "tmp")
-    except OSError as error:
-        raise (write_error(error, out) or error) from None
-    try:
+        _make(staging)
         yield staging
         _check_still_replaceable(out, force)
         _replace(out, staging)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,16 +60,13 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
         details["seed"] = options.seed
         if not options.calibrated:
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
-        workdir = work_folder(Path(out), "calib")
-        try:
+        with work_folder(Path(out), "calib") as workdir:
             assert options.calibration is not None
             layer_plans, overrides = calibrate_plans(
                 checkpoint, plan, options.merge_method, options.head_grouping, options.calibration, workdir
             )
             details["calibration"] = dataclasses.asdict(options.calibration)
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, layer_plans, overrides), options, details)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = None) -> Conversion:
