@@ -6,7 +6,7 @@ S = the calibration second moment of [x, 1] (d x d), L its Cholesky factor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,6 +35,22 @@ class Attention:
 
     def to(self, device: str | torch.device) -> Attention:
         return replace(self, q=self.q.to(device), k=self.k.to(device), v=self.v.to(device), o=self.o.to(device))
+
+    def as_tensors(self, names: dict[str, str], dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+        """The projections as flat weight (and bias) tensors named names[role] + ".weight"/".bias"."""
+        out = {}
+        for role, heads, has_bias in (
+            ("q", self.q, self.q_bias),
+            ("k", self.k, self.k_bias),
+            ("v", self.v, self.v_bias),
+        ):
+            flat = heads.reshape(-1, heads.shape[-1])
+            out[names[role] + ".weight"] = flat[:, :-1].to(dtype_of(names[role] + ".weight")).contiguous()
+            if has_bias:
+                out[names[role] + ".bias"] = flat[:, -1].to(dtype_of(names[role] + ".bias")).contiguous()
+        o_name = names["o"] + ".weight"
+        out[o_name] = self.o.reshape(self.o.shape[0], -1).to(dtype_of(o_name)).contiguous()
+        return out
 
 
 def cholesky(moment: torch.Tensor) -> torch.Tensor:

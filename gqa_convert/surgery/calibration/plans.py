@@ -69,19 +69,7 @@ def attention_tensors(
     merged: Attention, names: dict[str, str], dtypes: dict[str, torch.dtype]
 ) -> dict[str, torch.Tensor]:
     """The merged heads as the checkpoint's tensors (names and dtypes of the source)."""
-    out = {}
-    for role, heads, has_bias in (
-        ("q", merged.q, merged.q_bias),
-        ("k", merged.k, merged.k_bias),
-        ("v", merged.v, merged.v_bias),
-    ):
-        flat = heads.reshape(-1, heads.shape[-1])
-        out[names[role] + ".weight"] = flat[:, :-1].to(dtypes[names[role] + ".weight"]).contiguous()
-        if has_bias:
-            out[names[role] + ".bias"] = flat[:, -1].to(dtypes[names[role] + ".bias"]).contiguous()
-    o_name = names["o"] + ".weight"
-    out[o_name] = merged.o.reshape(merged.o.shape[0], -1).to(dtypes[o_name]).contiguous()
-    return out
+    return merged.as_tensors(names, dtypes.__getitem__)
 
 
 def _check_supported(checkpoint: Checkpoint, method: Method, grouping: Grouping) -> bool:

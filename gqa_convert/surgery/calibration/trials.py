@@ -20,18 +20,7 @@ from gqa_convert.surgery.calibration.sequential import LayerCalibration
 def attention_state(attention: Attention, projections: dict[str, str]) -> dict[str, torch.Tensor]:
     """q/k/v/o weights (and the biases the source has) as the attention module's state, float32.
     projections: role -> the projection's name inside the attention module."""
-    state = {}
-    for role, heads, bias in (
-        ("q", attention.q, attention.q_bias),
-        ("k", attention.k, attention.k_bias),
-        ("v", attention.v, attention.v_bias),
-    ):
-        flat = heads.reshape(-1, heads.shape[-1])
-        state[f"{projections[role]}.weight"] = flat[:, :-1].float().contiguous()
-        if bias:
-            state[f"{projections[role]}.bias"] = flat[:, -1].float().contiguous()
-    state[f"{projections['o']}.weight"] = attention.o.reshape(attention.o.shape[0], -1).float().contiguous()
-    return state
+    return attention.as_tensors(projections, lambda name: torch.float32)
 
 
 @contextlib.contextmanager
