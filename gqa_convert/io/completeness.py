@@ -9,6 +9,7 @@ tied to the embeddings) need only one of their names."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -48,7 +49,7 @@ def required_tensors(config: Any) -> list[Alternatives]:
     from transformers.core_model_loading import revert_weight_conversion
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _without_zero3_init():
             model = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises many types for configs it cannot build
         raise GQAConvertError(
@@ -63,6 +64,15 @@ def required_tensors(config: Any) -> list[Alternatives]:
     groups += [[name] for name in state if name not in parameters]  # persistent buffers
     saved = _checkpoint_names(model, state, revert_weight_conversion)
     return [[form for name in group for form in ((name,), saved[name])] for group in groups]
+
+
+def _without_zero3_init() -> contextlib.AbstractContextManager:
+    """Inside a DeepSpeed ZeRO-3 run transformers builds every model under deepspeed.zero.Init, which
+    cannot partition meta tensors; transformers skips it inside its own set_zero3_state context (the one
+    it uses against nested zero.Init)."""
+    from transformers import modeling_utils
+
+    return getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)()
 
 
 def _checkpoint_names(model: Any, state: dict[str, Any], revert: Any) -> dict[str, tuple[str, ...]]:
