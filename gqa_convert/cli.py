@@ -27,7 +27,7 @@ from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
-from gqa_convert.surgery.calibration.settings import KEY_MERGES, VALUE_MOMENTS
+from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
 from gqa_convert.surgery.groupings import GROUPINGS
@@ -169,7 +169,7 @@ def _calibration(flags: dict[str, Any]) -> Calibration | None:
         key_merge=flags["key_merge"].value,
         band_angle=flags["band_angle"],
         value_moment=flags["value_moment"].value,
-        output_ridge=flags["output_ridge"] if flags["output_solve"] else None,
+        output_ridges=tuple(flags["output_ridge"] or OUTPUT_RIDGES) if flags["output_solve"] else None,
         device=flags["device"],
         refine_steps=flags["refine_steps"],
         refine_lr=flags["refine_lr"],
@@ -198,9 +198,13 @@ def pool(
     calib_sequential: bool = typer.Option(True, help="calibrate each layer on the merged layers' outputs"),
     key_merge: KeyMerge = typer.Option("frequency", help="aligned K: frequency-aware (per layer) or complex per pair"),
     band_angle: float = typer.Option(1.0, help="aligned K: the low band's pairs rotate at most this (rad) per window"),
-    value_moment: ValueMoment = typer.Option("attended", help="aligned V: the moment it fits (attended or plain)"),
+    value_moment: ValueMoment = typer.Option(
+        "per-head", help="aligned V: the moments it fits (per-head attended, head-averaged attended, or plain)"
+    ),
     output_solve: bool = typer.Option(True, help="aligned: solve all o_proj blocks jointly (held-out check)"),
-    output_ridge: float = typer.Option(0.3, help="relative ridge of the o_proj solve"),
+    output_ridge: Optional[list[float]] = typer.Option(
+        None, help="relative ridge of the o_proj solve (repeatable: the best per layer; default 0.1 0.3 1 3 10)"
+    ),
     device: str = typer.Option("auto", help="calibration device: auto (cuda when available), cpu, cuda, cuda:N"),
     refine_steps: int = typer.Option(0, help="aligned: Adam steps per layer fitting the merged attention"),
     refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),

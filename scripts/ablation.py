@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_report import plot, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = dict(key_merge="complex", value_moment="plain", output_ridge=None, sequential=False)
+OLD = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
 # name -> (method, grouping, calibration overrides; None: no calibration)
 VARIANTS = {
     "mean": ("mean", "contiguous", None),
@@ -42,6 +42,7 @@ VARIANTS = {
     "random": ("random", "contiguous", None),
     "aligned (old)": ("aligned", "contiguous", OLD),
     "aligned": ("aligned", "contiguous", {}),
+    "aligned, head-averaged V": ("aligned", "contiguous", {"value_moment": "attended"}),
     "aligned, not sequential": ("aligned", "contiguous", {"sequential": False}),
     "aligned, mixed calibration": ("aligned", "contiguous", {"mixed": True}),
     "aligned + refine": ("aligned", "contiguous", {"refine": True}),
@@ -54,6 +55,7 @@ SETUPS = {
         "random",
         "aligned (old)",
         "aligned",
+        "aligned, head-averaged V",
         "aligned, not sequential",
         "aligned, mixed calibration",
     ],
@@ -174,7 +176,7 @@ def uptrain_rows(args, gqa3, calib, heldout, results) -> None:
                 data=str(calib),
                 tokens=str(args.uptrain_tokens),
                 seq_len=512,
-                micro_batch_size=4,
+                micro_batch_size=args.micro_batch,
                 lr=args.lr,
                 warmup_steps=1,
                 trainable="attention",
@@ -213,7 +215,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--refine-setups", default="", help="setups that also get an 'aligned + refine' row")
     parser.add_argument("--refine-steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--micro-batch", type=int, default=1, help="distillation windows per step (of 512 tokens)")
     parser.add_argument("--render", type=Path, help="only rewrite results.md and recovery.png from a results.json")
     return parser.parse_args()
 

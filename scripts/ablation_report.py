@@ -11,8 +11,10 @@ VARIANT_NOTES = {
     "aligned (old)": "the closed-form merge before the current recipe: complex per-pair K, plain-moment V, "
     "no o_proj solve, not sequential (`--key-merge complex --value-moment plain --no-output-solve "
     "--no-calib-sequential`)",
-    "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, attended V, joint "
-    "o_proj solve (ridge 0.3), sequential calibration",
+    "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, V fitted to each "
+    "query head's attended moment (alternating solve), joint o_proj solve (ridge 0.3), sequential calibration",
+    "aligned, head-averaged V": "the same, V fitted to the head-averaged attended moment in one closed form "
+    "(`--value-moment attended`)",
     "aligned, not sequential": "the same, each layer calibrated on the source's own inputs (`--no-calib-sequential`)",
     "aligned, mixed calibration": "the same, calibrated on the calibration text plus as many tokens of another "
     "domain's text (`--calib-extra FILE`)",
@@ -119,7 +121,8 @@ def _uptraining(results: dict) -> list[str]:
     settings = results["settings"]
     lines = [
         f"## After distillation (setup A, {settings['uptrain_tokens']:,} tokens of the calibration text, "
-        f"attention parameters, lr {settings['lr']}, batches of 4 x 512, KL to the GQA-3 teacher)",
+        f"attention parameters, lr {settings['lr']}, batches of {settings.get('micro_batch', 4)} x 512, "
+        "KL to the GQA-3 teacher)",
         "",
         "| init | held-out perplexity at tokens trained | seconds |",
         "|---|---|---|",

@@ -1,5 +1,5 @@
 """An estimate, from FLOP counts (not a measurement), of what `pool --method aligned` costs with the
-default recipe (sequential calibration, attended V moment, frequency-aware K, o_proj solve), per model
+default recipe (sequential calibration, per-head V moments, frequency-aware K, o_proj solve), per model
 shape and device. Counts what the calibration runs per calibration token and layer:
 
 - the teacher's layer forward; the student's attention forward, then its layer forward after the merge;
@@ -7,7 +7,9 @@ shape and device. Counts what the calibration runs per calibration token and lay
   (2 nh T d) and their second moment (2 nh d^2);
 - the o_proj solve's moments: an attention forward, o_proj inputs' moments (float64);
 - the plain moment of [x, 1] (float64); three K candidates ranked on one batch of 4 windows;
-- per layer, dense decompositions and solves of d x d matrices, taken as DECOMPOSITION d^3 float64.
+- per layer, dense decompositions and solves of d x d matrices, taken as DECOMPOSITION d^3 float64;
+- the V alternation (float64), an upper bound: VALUE_ROUNDS rounds of CG_STEPS + 1 conjugate-gradient
+  products (2 hd d^2 + 2 hd^2 d per query head) and the o blocks' closed form (4 hd d^2 + 4 hd d^2).
 
 Eager attention builds the full T x T scores, so the attention core counts 4 T nh hd per token.
 
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 DECOMPOSITION = 20  # float64 flops of the per-layer decompositions and solves, in units of d^3 (assumed)
 TRIAL_TOKENS = 4 * 512  # the K candidates are ranked on one batch of 4 windows
 CANDIDATES = 3
+VALUE_ROUNDS, CG_STEPS = 4, 20  # as in gqa_convert/surgery/calibration/values.py
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,11 @@ def flops_per_layer(shape: Shape, tokens: int, seq_len: int) -> tuple[float, flo
     per_token32 = layer + attention + layer + attended + attention
     per_token64 = 2 * (d + 1) ** 2 + 2 * (nh * hd) ** 2 + 2 * (nh * hd) * d
     fp32 = per_token32 * tokens + CANDIDATES * attention * TRIAL_TOKENS
-    return fp32, per_token64 * tokens + DECOMPOSITION * d**3
+    width = d + 1
+    product = 2 * hd * width**2 + 2 * hd**2 * width
+    blocks = 4 * hd * width**2 + 4 * hd * width * d
+    alternation = nh * (VALUE_ROUNDS * ((CG_STEPS + 1) * product + blocks) + blocks)
+    return fp32, per_token64 * tokens + DECOMPOSITION * d**3 + alternation
 
 
 def main() -> None:

@@ -177,9 +177,10 @@ def test_calibration_texts_are_shared_and_interleaved(tmp_path):
     "setting, message",
     [
         ({"key_merge": "rotary"}, "choose one of: frequency, complex"),
-        ({"value_moment": "attention"}, "choose one of: attended, plain"),
+        ({"value_moment": "attention"}, "choose one of: per-head, attended, plain"),
         ({"band_angle": 0.0}, "--band-angle must be positive"),
-        ({"output_ridge": -1.0}, "--output-ridge must be at least 0"),
+        ({"output_ridges": (0.3, -1.0)}, "--output-ridge must be at least 0"),
+        ({"output_ridges": ()}, "--output-ridge must be at least 0"),
         ({"device": "tpu"}, "choose auto, cpu, cuda or cuda:N"),
         ({"device": "cpu:1"}, "choose auto, cpu, cuda or cuda:N"),
     ],
@@ -209,7 +210,13 @@ def test_explicit_cpu_device_and_recipe_flags_from_the_cli(tmp_path):
     recorded = json.loads((tmp_path / "cli" / "gqa_convert.json").read_text())
     calibration = next(value for key, value in _walk(recorded) if key == "calibration")
     assert calibration["device"] == "cpu" and calibration["key_merge"] == "complex"
-    assert calibration["output_ridge"] is None and calibration["sequential"] is False
+    assert calibration["output_ridges"] is None and calibration["sequential"] is False
+    ridges = ["--output-ridge", "0.5", "--output-ridge", "2"]
+    result = runner.invoke(__import__("gqa_convert.cli").cli.app, [*args, *ridges, "-o", str(tmp_path / "ridges")])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "ridges" / "gqa_convert.json").read_text())
+    calibration = next(value for key, value in _walk(recorded) if key == "calibration")
+    assert calibration["output_ridges"] == [0.5, 2.0] and calibration["value_moment"] == "per-head"
     settings = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, device="cpu", **PLAIN)
     pool(tmp_path / "src", tmp_path / "api", PoolOptions(kv_heads=1, method="aligned", calibration=settings))
     torch.testing.assert_close(logits(load(tmp_path / "cli")), logits(load(tmp_path / "api")), atol=0, rtol=0)
@@ -233,14 +240,17 @@ def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_imp
     moments = OutputMoments.zeros(12, 6, "cpu")
     for index, f in enumerate(features):
         moments.add(f, f.double() @ truth.T, check=index == 3)
-    solved, before, after = solve_output(start, moments, ridge=1e-9)
+    solved, before, after, _ = solve_output(start, moments, ridges=(1e-9,))
     torch.testing.assert_close(solved, truth, atol=1e-5, rtol=1e-5)
     assert after < 1e-9 < before
     misleading = OutputMoments.zeros(12, 6, "cpu")  # the fit batches say one thing, the check another
     for index, f in enumerate(features):
         misleading.add(f, f.double() @ (start if index == 3 else truth).T, check=index == 3)
-    kept, before, after = solve_output(start, misleading, ridge=1e-9)
+    kept, before, after, _ = solve_output(start, misleading, ridges=(1e-9,))
     assert torch.equal(kept, start) and before < 1e-9 < after
+    # of several ridges, the one the check prefers: the smallest recovers the truth, large ones stay near start
+    chosen = solve_output(start, moments, ridges=(1e6, 1e-9, 1e3))
+    assert chosen[3] == 1e-9 and chosen[2] < 1e-9
 
 
 def test_cholesky_of_a_moment_made_indefinite_by_rounding():
@@ -260,3 +270,47 @@ def test_cholesky_of_a_moment_made_indefinite_by_rounding():
     assert error < 2e-3
     with pytest.raises(torch.linalg.LinAlgError):
         cholesky(-moment)
+
+
+def _value_problem(heads: int = 3, d_out: int = 7, hd: int = 2, width: int = 5, seed: int = 0):
+    """Random targets A_h, per-head moments M_h (PSD, different per head) and a starting shared W."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    factors = randn(heads, width, 3 * width)
+    moments = factors @ factors.transpose(1, 2) / (3 * width)
+    return randn(heads, d_out, width), moments, randn(hd, width)
+
+
+def test_shared_value_solve_matches_the_dense_normal_equations():
+    """solve_shared's conjugate gradients against an independent dense solve of
+    sum_h (M_h kron P_h) vec(W) = vec(sum_h C_h^T A_h M_h)."""
+    from gqa_convert.surgery.calibration.values import solve_shared
+
+    targets, moments, start = _value_problem()
+    blocks = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outer = blocks.transpose(1, 2) @ blocks
+    # column-major vec(P W M) = (M^T kron P) vec(W)
+    system = sum(torch.kron(moments[h].T.contiguous(), outer[h]) for h in range(3))
+    rhs = sum(blocks[h].T @ targets[h] @ moments[h] for h in range(3))
+    dense = torch.linalg.solve(system, rhs.T.reshape(-1)).reshape(5, 2).T
+    assert torch.allclose(solve_shared(targets, moments, blocks, start), dense, atol=1e-8)
+
+
+def test_alternating_value_merge_only_lowers_the_per_head_objective():
+    """Every round of the alternation lowers sum_h ||(A_h - C_h W) L_h||^2, and the start (the
+    closed form's W) is never beaten by the blocks alone."""
+    from gqa_convert.surgery.calibration import values
+
+    targets, moments, shared = _value_problem(heads=4, d_out=9, hd=3, width=8, seed=2)
+    blocks = values.best_blocks(targets, moments, shared)
+    history = [values.value_objective(targets, moments, blocks, shared)]
+    for _ in range(5):
+        shared = values.solve_shared(targets, moments, blocks, shared)
+        history.append(values.value_objective(targets, moments, blocks, shared))
+        blocks = values.best_blocks(targets, moments, shared)
+        history.append(values.value_objective(targets, moments, blocks, shared))
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(history, history[1:]))
+    assert history[-1] < 0.9 * history[0]

@@ -21,7 +21,7 @@ from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)  # the defaults: the full recipe
 # the closed-form merge before the frequency-aware K, attended V, o_proj solve and sequential calibration
-PLAIN = dict(key_merge="complex", value_moment="plain", output_ridge=None, sequential=False)
+PLAIN = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
 
 
 def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:

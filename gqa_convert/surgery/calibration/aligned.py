@@ -6,9 +6,10 @@ output projections (which stay per query head, so they are free to change), then
   calibration windows of: the complex merge, the low band merged as a linear map with the
   projection gauge, or with the polar gauge (K-only attention error: V kept, the source's outputs as
   the target). With a norm on K after the projection no change of K commutes with it: K is mean-pooled.
-- V (values.py): the shared V projection from the attended (or plain) moment, o blocks absorbing it.
-- o_proj (output.py): with ridge, all o blocks solved jointly against the source's attention outputs,
-  kept only if that improves the held-out calibration batches.
+- V (values.py): the shared V projection from the head-averaged attended (or plain) moment, o blocks
+  absorbing it; with per-head moments, then refined by alternating the o blocks and the shared V.
+- o_proj (output.py): with a ridge chosen per layer, all o blocks solved jointly against the source's
+  attention outputs, kept only if that improves the held-out calibration batches.
 """
 
 from __future__ import annotations
@@ -69,11 +70,14 @@ def _merge_keys(
     return *candidates[best], report
 
 
-def _solve_output(merged: Attention, layer: LayerCalibration, ridge: float) -> tuple[Attention, dict[str, Any]]:
+def _solve_output(
+    merged: Attention, layer: LayerCalibration, ridges: tuple[float, ...]
+) -> tuple[Attention, dict[str, Any]]:
     moments = output_moments(layer, attention_state(merged, layer.projections), layer.projections["o"])
     o0 = merged.o.reshape(merged.o.shape[0], -1)
-    o, before, after = solve_output(o0, moments, ridge)
+    o, before, after, ridge = solve_output(o0, moments, ridges)
     report = {"output_check": [round(before, 5), round(after, 5)], "output_solved": after < before}
+    report["output_ridge"] = ridge
     return replace(merged, o=o.reshape(merged.o.shape)), report
 
 
@@ -90,17 +94,20 @@ def aligned_merge(
     q, k, v, o = attention.q, attention.k, attention.v, attention.o
     report: dict[str, Any] = {}
     if "v" in sides:
-        moment = layer.attended if settings.value_moment == "attended" else layer.moment
-        assert moment is not None
-        new_v, o = merge_values(attention, moment, groups, readers)
+        if settings.value_moment == "plain":
+            new_v, o = merge_values(attention, layer.moment, groups, readers)
+        else:
+            assert layer.attended is not None
+            per_head = layer.attended if settings.value_moment == "per-head" else None
+            new_v, o = merge_values(attention, layer.attended.mean(0), groups, readers, per_head)
         v = repeat_by_group(new_v, groups, len(attention.v))
     if "k" in sides:
         new_k, q, key_report = _merge_keys(attention, layer, groups, readers, settings)
         k = repeat_by_group(new_k, groups, len(attention.k))
         report.update(key_report)
     merged = replace(attention, q=q, k=k, v=v, o=o)
-    if settings.output_ridge is not None:
-        merged, output_report = _solve_output(merged, layer, settings.output_ridge)
+    if settings.output_ridges is not None:
+        merged, output_report = _solve_output(merged, layer, settings.output_ridges)
         report.update(output_report)
     return MergedLayer(merged, report)
 

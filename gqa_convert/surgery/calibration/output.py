@@ -1,12 +1,14 @@
 """The joint o_proj solve: with the merged q/k/v fixed, the attention output is linear in o_proj,
 y = O f (f: the concatenated per-head outputs, o_proj's input). O minimises
 ||Y - F O^T||^2 + lam ||O - O_0||^2 (lam = ridge x the mean diagonal of F^T F; O_0 the closed-form
-blocks), fitted on the first three quarters of the calibration batches and checked on the last
-quarter: kept only if the check improves, then refitted on every batch. This lets the query heads'
+blocks), fitted on the first three quarters of the calibration batches for each candidate ridge and
+checked on the last quarter: the best is kept only if it improves the check, then refitted on every
+batch. How much to trust the fit varies by layer (some layers' fits overfit the calibration text). This lets the query heads'
 o blocks compensate, jointly, what the merged K and V lose."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +58,14 @@ def _check_error(o: torch.Tensor, moments: OutputMoments) -> float:
     return (moments.yy_check - 2 * cross + quadratic) / max(moments.yy_check, 1e-300)
 
 
-def solve_output(o0: torch.Tensor, moments: OutputMoments, ridge: float) -> tuple[torch.Tensor, float, float]:
-    """o0: (d_out, features). Returns the o_proj weight kept, and the check error of the closed form
-    and of the solve (kept when lower)."""
-    trial = _fit(moments.ff_fit, moments.fy_fit, o0, ridge)
-    before, after = _check_error(o0, moments), _check_error(trial, moments)
+def solve_output(
+    o0: torch.Tensor, moments: OutputMoments, ridges: Sequence[float]
+) -> tuple[torch.Tensor, float, float, float]:
+    """o0: (d_out, features). Returns the o_proj weight kept, the check error of the closed form and
+    of the best solve (kept when lower), and that solve's ridge."""
+    before = _check_error(o0, moments)
+    after, ridge = min((_check_error(_fit(moments.ff_fit, moments.fy_fit, o0, r), moments), r) for r in ridges)
     if not after < before:
-        return o0, before, after
-    return _fit(moments.ff_fit + moments.ff_check, moments.fy_fit + moments.fy_check, o0, ridge), before, after
+        return o0, before, after, ridge
+    refit = _fit(moments.ff_fit + moments.ff_check, moments.fy_fit + moments.fy_check, o0, ridge)
+    return refit, before, after, ridge

@@ -145,7 +145,8 @@ def _summary(layer: int, report: dict[str, Any]) -> str:
         parts.append(f"K {report['keys']}{band}")
     if "output_check" in report:
         before, after = report["output_check"]
-        parts.append(f"o_proj solve {'kept' if report['output_solved'] else 'not kept'} ({before:.4f} -> {after:.4f})")
+        kept = f"kept (ridge {report['output_ridge']:g})" if report["output_solved"] else "not kept"
+        parts.append(f"o_proj solve {kept} ({before:.4f} -> {after:.4f})")
     if "refine" in report:
         parts.append("refined {:.4f} -> {:.4f}".format(*report["refine"]))
     return " ".join(parts)

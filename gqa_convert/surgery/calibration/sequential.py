@@ -4,8 +4,8 @@ Two residual streams run through the layers: the source model's (the teacher) an
 calibration, the converted model's (the student: GPTQ-style, each layer is calibrated on the inputs
 the already merged layers before it produce, so it learns to correct what they lost). Per layer:
 the teacher's attention outputs are the targets; the student's attention inputs give the statistics
-(the second moment of [x, 1], its mean, and the attended moment from the layer's own attention
-probabilities); a visitor merges the layer and returns its attention weights in the source's layout
+(the second moment of [x, 1], its mean, and each query head's attended moment from the layer's own
+attention probabilities); a visitor merges the layer and returns its attention weights in the source's layout
 (merged kv heads repeated to every member of their group: the same function as the merged layer),
 which then carry the student stream to the next layer.
 """
@@ -51,7 +51,7 @@ class LayerCalibration:
     moment: torch.Tensor  # sum of [x, 1][x, 1]^T
     mean: torch.Tensor  # mean of [x, 1]
     tokens: int
-    attended: torch.Tensor | None  # sum over tokens of z z^T averaged over query heads (see values.py)
+    attended: torch.Tensor | None  # per query head, sum over tokens of z z^T: (nh, d + 1, d + 1) (values.py)
     pairs: list[tuple[int, int]]  # RoPE pairs, then the non-rotary dimensions paired
     rotary_dim: int
     key_norm: bool  # K is normalised after its projection: no change of K commutes with that
@@ -99,7 +99,7 @@ def _statistics(attention: Any, calls: list[AttentionCall], attended: bool):
     device = calls[0][0].device
     moment = torch.zeros(width, width, dtype=torch.float64, device=device)
     total = torch.zeros(width, dtype=torch.float64, device=device)
-    over = torch.zeros(width, width, dtype=torch.float64, device=device) if attended else None
+    over = None
     count = 0
     for hidden, kwargs, _ in calls:
         x = torch.cat([hidden, torch.ones(*hidden.shape[:-1], 1, device=device)], dim=-1)  # (B, T, d + 1)
@@ -107,11 +107,12 @@ def _statistics(attention: Any, calls: list[AttentionCall], attended: bool):
         moment += flat.T @ flat
         total += flat.sum(0)
         count += len(flat)
-        if over is not None:
+        if attended:
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
-            z = (probs @ x[:, None]).reshape(-1, width)  # every head's attended inputs
-            over += (z.T @ z).double() / probs.shape[1]  # float32 per batch: the cost is nh x that of x
+            z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
+            per_head = torch.einsum("bhti,bhtj->hij", z, z).double()  # float32 per batch: nh x the cost of x
+            over = per_head if over is None else over + per_head
     return moment, total / count, count, over
 
 
@@ -140,7 +141,7 @@ def run_layers(
             calls = [(x, rest, target) for (x, rest, _), (_, _, target) in zip(student_calls, teacher_calls)]
         else:
             calls = teacher_calls
-        moment, mean, tokens, attended = _statistics(attention, calls, calibration.value_moment == "attended")
+        moment, mean, tokens, attended = _statistics(attention, calls, calibration.value_moment != "plain")
         state = visit(
             LayerCalibration(
                 index,

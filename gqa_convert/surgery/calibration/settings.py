@@ -1,8 +1,9 @@
 """The calibration settings of the calibrated methods and groupings, validated where they are built.
 
 The defaults are the best recipe measured on SmolLM2-135M (docs/results.md): frequency-aware K merge,
-attended V moment, joint o_proj solve (ridge 0.3), sequential calibration. The old closed-form merge
-is `key_merge="complex", value_moment="plain", output_ridge=None, sequential=False`.
+V fitted to each query head's attended moment, joint o_proj solve (ridge chosen per layer),
+sequential calibration. The old closed-form merge is `key_merge="complex", value_moment="plain",
+output_ridges=None, sequential=False`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from gqa_convert.errors import GQAConvertError
 
 KEY_MERGES = ("frequency", "complex")
-VALUE_MOMENTS = ("attended", "plain")
+VALUE_MOMENTS = ("per-head", "attended", "plain")
+OUTPUT_RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -29,8 +31,12 @@ class Calibration:
     # over seq_len) merged as a linear map (projection or polar gauge), chosen by K-only attention error
     key_merge: str = "frequency"
     band_angle: float = 1.0
-    value_moment: str = "attended"  # attended: what each head's values are averaged over; plain: the inputs
-    output_ridge: float | None = 0.3  # joint o_proj least squares (relative ridge); None: no solve
+    # per-head: each query head's attended moment (what its values are averaged over), the shared V and
+    # the o blocks solved alternately; attended: the head-averaged moment, one closed form; plain: the inputs
+    value_moment: str = "per-head"
+    # joint o_proj least squares: the relative ridges tried, per layer the best on the held-out quarter
+    # of the calibration batches; None: no solve
+    output_ridges: tuple[float, ...] | None = OUTPUT_RIDGES
     sequential: bool = True  # each layer calibrated on the outputs of the merged layers before it
     refine_steps: int = 0  # Adam steps per layer fitting the merged attention to the original
     refine_lr: float = 3e-4
@@ -49,8 +55,10 @@ class Calibration:
             )
         if not self.band_angle > 0:
             raise GQAConvertError("--band-angle must be positive (radians of rotation over --calib-seq-len)")
-        if self.output_ridge is not None and not self.output_ridge >= 0:
-            raise GQAConvertError("--output-ridge must be at least 0 (or none to skip the o_proj solve)")
+        if self.output_ridges is not None and (
+            not self.output_ridges or not all(ridge >= 0 for ridge in self.output_ridges)
+        ):
+            raise GQAConvertError("--output-ridge must be at least 0 (or --no-output-solve to skip the o_proj solve)")
         if self.device.split(":")[0] not in DEVICES or (self.device.startswith(("auto:", "cpu:"))):
             raise GQAConvertError(f"unknown device '{self.device}'; choose auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda"):
