@@ -96,10 +96,12 @@ def aligned_merge(
     if "v" in sides:
         if settings.value_moment == "plain":
             new_v, o = merge_values(attention, layer.moment, groups, readers)
+        elif settings.value_moment == "attended":
+            assert layer.attended is not None
+            new_v, o = merge_values(attention, layer.attended, groups, readers)
         else:
             assert layer.attended is not None
-            per_head = layer.attended if settings.value_moment == "per-head" else None
-            new_v, o = merge_values(attention, layer.attended.mean(0), groups, readers, per_head)
+            new_v, o = merge_values(attention, layer.attended.mean(0), groups, readers, layer.attended)
         v = repeat_by_group(new_v, groups, len(attention.v))
     if "k" in sides:
         new_k, q, key_report = _merge_keys(attention, layer, groups, readers, settings)

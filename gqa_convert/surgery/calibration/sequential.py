@@ -51,7 +51,9 @@ class LayerCalibration:
     moment: torch.Tensor  # sum of [x, 1][x, 1]^T
     mean: torch.Tensor  # mean of [x, 1]
     tokens: int
-    attended: torch.Tensor | None  # per query head, sum over tokens of z z^T: (nh, d + 1, d + 1) (values.py)
+    # sum over tokens of z z^T (values.py): per query head (nh, d + 1, d + 1) for the per-head V moment,
+    # else averaged over the heads (d + 1, d + 1); None for the plain moment
+    attended: torch.Tensor | None
     pairs: list[tuple[int, int]]  # RoPE pairs, then the non-rotary dimensions paired
     rotary_dim: int
     key_norm: bool  # K is normalised after its projection: no change of K commutes with that
@@ -93,8 +95,9 @@ def _attention_calls(layer: Any, attention: Any, batches: list[Batch], run_all: 
     return calls, outputs
 
 
-def _statistics(attention: Any, calls: list[AttentionCall], attended: bool):
-    """The moment and mean of [x, 1] and (attended) the attended moment, from the source attention."""
+def _statistics(attention: Any, calls: list[AttentionCall], value_moment: str):
+    """The moment and mean of [x, 1] and the attended moments the V merge needs, from the source
+    attention: per query head, averaged over the heads, or none (plain)."""
     width = calls[0][0].shape[-1] + 1
     device = calls[0][0].device
     moment = torch.zeros(width, width, dtype=torch.float64, device=device)
@@ -107,12 +110,15 @@ def _statistics(attention: Any, calls: list[AttentionCall], attended: bool):
         moment += flat.T @ flat
         total += flat.sum(0)
         count += len(flat)
-        if attended:
+        if value_moment != "plain":
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
             z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
-            per_head = torch.einsum("bhti,bhtj->hij", z, z).double()  # float32 per batch: nh x the cost of x
-            over = per_head if over is None else over + per_head
+            if value_moment == "per-head":  # float32 per batch: nh x the cost of x's moment
+                batch = torch.einsum("bhti,bhtj->hij", z, z).double()
+            else:
+                batch = (z.reshape(-1, width).T @ z.reshape(-1, width)).double() / probs.shape[1]
+            over = batch if over is None else over + batch
     return moment, total / count, count, over
 
 
@@ -141,7 +147,7 @@ def run_layers(
             calls = [(x, rest, target) for (x, rest, _), (_, _, target) in zip(student_calls, teacher_calls)]
         else:
             calls = teacher_calls
-        moment, mean, tokens, attended = _statistics(attention, calls, calibration.value_moment != "plain")
+        moment, mean, tokens, attended = _statistics(attention, calls, calibration.value_moment)
         state = visit(
             LayerCalibration(
                 index,
