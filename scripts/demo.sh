@@ -26,7 +26,7 @@ gqa-convert pool "$GGUF" -o "$OUT/mqa-aligned" --kv-heads 1 --method aligned \
 
 step "3. uptrain: a short distillation of the calibrated MQA from the original (a taste of the real budget)"
 gqa-convert uptrain "$OUT/mqa-aligned" -o "$OUT/mqa-uptrained" --data "$DATA/calibration.txt" --tokens 8192 \
-  --seq-len 256 --micro-batch-size 4 --lr 5e-5 --warmup-steps 1 --trainable attention \
+  --seq-len 256 --micro-batch-size 1 --lr 1e-4 --warmup-steps 1 --trainable attention \
   --teacher "$OUT/gqa3" --distill-weight 1.0 --save-every 1000 --force
 
 step "4. quality: perplexity on held-out text of the calibration's domain and of another domain, and one answer each"

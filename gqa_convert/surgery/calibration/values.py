@@ -63,9 +63,9 @@ def merge_values(
             new_o[:, readers[k], :] = torch.einsum("oni,ij->onj", attention.o[:, readers[k], :], transform)
         if per_head is not None:
             heads = [(h, k) for k in group for h in readers[k]]
-            shared, blocks = alternate(attention, per_head, heads, new_v[g, :, :width])
+            shared, head_blocks = alternate(attention, per_head, heads, new_v[g, :, :width])
             new_v[g, :, :width] = shared
-            new_o[:, [h for h, _ in heads], :] = blocks.transpose(0, 1)
+            new_o[:, [h for h, _ in heads], :] = head_blocks.transpose(0, 1)
     return new_v, new_o
 
 
