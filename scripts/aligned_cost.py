@@ -4,7 +4,7 @@ shape and device. Counts what the calibration runs per calibration token and lay
 
 - the teacher's layer forward; the student's attention forward, then its layer forward after the merge;
 - the attended moment: the attention forward for the probabilities, each head's attended inputs
-  (2 nh T d) and their second moment (2 nh d^2);
+  (2 nh T d) and their second moment (2 nh d^2, float64);
 - the o_proj solve's moments: an attention forward, o_proj inputs' moments (float64);
 - the plain moment of [x, 1] (float64); three K candidates ranked on one batch of 4 windows;
 - per layer, dense decompositions and solves of d x d matrices, taken as DECOMPOSITION d^3 float64;
@@ -53,9 +53,9 @@ def flops_per_layer(shape: Shape, tokens: int, seq_len: int) -> tuple[float, flo
     core = 4 * seq_len * nh * hd
     attention = 2 * attention_params + core
     layer = 2 * (attention_params + 3 * d * shape.intermediate) + core
-    attended = attention + 2 * nh * seq_len * (d + 1) + 2 * nh * (d + 1) ** 2
+    attended = attention + 2 * nh * seq_len * (d + 1)
     per_token32 = layer + attention + layer + attended + attention
-    per_token64 = 2 * (d + 1) ** 2 + 2 * (nh * hd) ** 2 + 2 * (nh * hd) * d
+    per_token64 = 2 * (d + 1) ** 2 + 2 * nh * (d + 1) ** 2 + 2 * (nh * hd) ** 2 + 2 * (nh * hd) * d
     fp32 = per_token32 * tokens + CANDIDATES * attention * TRIAL_TOKENS
     width = d + 1
     product = 2 * hd * width**2 + 2 * hd**2 * width

@@ -314,3 +314,59 @@ def test_alternating_value_merge_only_lowers_the_per_head_objective():
         history.append(values.value_objective(targets, moments, blocks, shared))
     assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(history, history[1:]))
     assert history[-1] < 0.9 * history[0]
+
+
+def test_per_head_attended_moments_match_transformers_attention_in_float64(tmp_path):
+    """Each query head's attended moment sum_m z_h,m z_h,m^T (z_h,m = sum_n a_h(m, n) [x_n, 1]) against an
+    independent float64 computation from transformers' own eager attention probabilities."""
+    build(tmp_path / "src", "llama")
+    checkpoint = open_checkpoint(tmp_path / "src")
+    settings = Calibration(data=str(SAMPLE), tokens=256, seq_len=64, device="cpu", value_moment="per-head")
+    ids = calibration_ids(checkpoint, settings)
+    seen = {}
+    run_layers(
+        checkpoint, ids, settings, key_norm=False, visit=lambda layer: seen.setdefault(layer.index, layer) and None
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+        x = model.model.layers[0].input_layernorm(out.hidden_states[0]).double()
+    x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
+    z = out.attentions[0].double() @ x[:, None]  # (B, nh, T, d + 1)
+    expected = torch.einsum("bhti,bhtj->hij", z, z)
+    found = seen[0].attended
+    assert found.dtype == torch.float64 and found.shape == expected.shape
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_per_head_moments_stay_positive_semidefinite_under_an_attention_sink_and_massive_activations():
+    """Every head attending almost only to the first token, one input dimension 3000x the others (as in
+    trained models): the moments are nearly rank one. Summed in float32 they get negative eigenvalues
+    (and the V alternation then diverges); they must be PSD and equal a float64 computation."""
+    from gqa_convert.surgery.calibration.sequential import _statistics
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, length, width = 2, 3, 128, 16
+    hidden = torch.randn(batch, length, width, generator=generator)
+    hidden[..., 0] *= 3000.0
+    probs = torch.full((batch, heads, length, length), 1e-3 / length)
+    probs[..., 0] += 1 - 1e-3
+    probs = probs.tril()
+    probs = probs / probs.sum(-1, keepdim=True)
+    _, _, _, found = _statistics(lambda hidden_states: (None, probs), [(hidden, {}, None)], "per-head")
+    x = torch.cat([hidden, torch.ones(batch, length, 1)], -1).double()
+    z = probs.double() @ x[:, None]
+    expected = torch.einsum("bhti,bhtj->hij", z, z)
+    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    eigenvalues = torch.linalg.eigvalsh(found)
+    assert bool((eigenvalues.min(-1).values >= -1e-15 * eigenvalues.max(-1).values).all())
+
+
+def test_per_head_moments_shrink_toward_their_average_as_tokens_get_few():
+    from gqa_convert.surgery.calibration.values import shrink_moments
+
+    _, moments, _ = _value_problem(heads=3, width=5)
+    average = moments.mean(0, keepdim=True)
+    torch.testing.assert_close(shrink_moments(moments, tokens=5), 0.5 * moments + 0.5 * average)
+    torch.testing.assert_close(shrink_moments(moments, tokens=10**9), moments)
+    assert torch.allclose(shrink_moments(moments, tokens=0), average.expand_as(moments))

@@ -114,12 +114,16 @@ def _statistics(attention: Any, calls: list[AttentionCall], value_moment: str):
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
             z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
-            if value_moment == "per-head":  # float32 per batch: nh x the cost of x's moment
-                batch = torch.einsum("bhti,bhtj->hij", z, z).double()
+            if value_moment == "per-head":  # nh x the cost of x's moment, float64 like it, one head at a time
+                batch = torch.stack([_gram(z[:, head].reshape(-1, width).double()) for head in range(z.shape[1])])
             else:
                 batch = (z.reshape(-1, width).T @ z.reshape(-1, width)).double() / probs.shape[1]
             over = batch if over is None else over + batch
     return moment, total / count, count, over
+
+
+def _gram(rows: torch.Tensor) -> torch.Tensor:
+    return rows.T @ rows
 
 
 def run_layers(
