@@ -218,6 +218,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--micro-batch", type=int, default=1, help="distillation windows per step (of 512 tokens)")
     parser.add_argument("--render", type=Path, help="only rewrite results.md and recovery.png from a results.json")
+    parser.add_argument(
+        "--add-to",
+        type=Path,
+        help="a results.json of an earlier run (same --text and token counts): this run's setups are added to it",
+    )
     return parser.parse_args()
 
 
@@ -255,6 +260,10 @@ def main() -> None:
         sources["B"] = (args.work / "mha9", "MHA-9 (shuffled expansion)", 3)
         sources["C"] = (args.work / "mha9", "MHA-9 (shuffled expansion)", 1)
     setups = args.setups.split(",")
+    earlier = _earlier_results(args) if args.add_to else None
+    if earlier is not None:  # only this run's setups' conversions; the rest comes from the earlier run
+        results["uptrain"] = earlier["uptrain"]
+        args.uptrain_inits, args.diagnose = "", ""
     stages = (  # setup A and what uses its models first: every stage ends with the docs written
         lambda: convert_rows(args, [s for s in setups if s == "A"], sources, texts, calib, results),
         lambda: uptrain_rows(args, gqa3, calib, heldout, results),
@@ -263,16 +272,35 @@ def main() -> None:
     )
     for stage in stages:
         stage()
-        write_results(args, results, started)
+        write_results(args, results, started, earlier)
 
 
-def write_results(args: argparse.Namespace, results: dict, started: float) -> None:
+def _earlier_results(args: argparse.Namespace) -> dict:
+    earlier = json.loads(args.add_to.read_text())
+    for key in ("text", "calib_tokens", "eval_tokens"):
+        if str(earlier["settings"][key]) != str(getattr(args, key)):
+            raise SystemExit(f"--add-to {args.add_to}: its --{key.replace('_', '-')} differs from this run's")
+    if set(args.setups.split(",")) & set(earlier["settings"]["setups"].split(",")):
+        raise SystemExit(f"--add-to {args.add_to} already has setups {earlier['settings']['setups']}")
+    return earlier
+
+
+def write_results(args: argparse.Namespace, results: dict, started: float, earlier: dict | None = None) -> None:
+    command = "python scripts/ablation.py " + " ".join(sys.argv[1:])
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["date"] = dt.date.today().isoformat()
     results["minutes"] = round((time.time() - started) / 60, 1)
-    results["command"] = "python scripts/ablation.py " + " ".join(sys.argv[1:])
+    results["command"] = command
     results["settings"] = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     results["settings"]["ood_text"] = [str(path) for path in args.ood_text]
+    if earlier is not None:
+        runs = earlier.get("runs") or [{k: earlier[k] for k in ("command", "minutes", "date", "machine")}]
+        this = {k: results[k] for k in ("command", "minutes", "date", "machine")}
+        ours = [row for row in results["init"] if row["setup"] in args.setups.split(",")]
+        results = {**earlier, **{k: v for k, v in results.items() if k in ("shuffle", "mha9")}}
+        results["init"] = earlier["init"] + ours
+        results["runs"] = runs + [this]
+        results["settings"] = {**earlier["settings"], "setups": earlier["settings"]["setups"] + "," + args.setups}
     (args.docs / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, args.docs / "results.md")
     plot(results, args.docs / "recovery.png")

@@ -12,7 +12,8 @@ VARIANT_NOTES = {
     "no o_proj solve, not sequential (`--key-merge complex --value-moment plain --no-output-solve "
     "--no-calib-sequential`)",
     "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, V fitted to each "
-    "query head's attended moment (alternating solve), joint o_proj solve (ridge 0.3), sequential calibration",
+    "query head's attended moment (alternating solve), joint o_proj solve (its ridge chosen per layer on held-out "
+    "batches), sequential calibration",
     "aligned, head-averaged V": "the same, V fitted to the head-averaged attended moment in one closed form "
     "(`--value-moment attended`)",
     "aligned, not sequential": "the same, each layer calibrated on the source's own inputs (`--no-calib-sequential`)",
@@ -23,9 +24,10 @@ VARIANT_NOTES = {
 }
 
 
-SKIPPED_NOTE = (
-    "B: SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--grouping similarity`; C: the same -> MQA"
-)
+SETUP_NOTES = {
+    "B": "SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--grouping similarity`",
+    "C": "SmolLM2's MHA-9 expansion with the heads shuffled -> MQA",
+}
 CONVERT_NOTE = (
     "Convert seconds are wall-clock on a CPU shared with other jobs: they vary with the load and compare "
     "only roughly, even within one run."
@@ -84,7 +86,7 @@ def _goals(results: dict, ood_names: list[str]) -> list[str]:
         if run["variant"] == "aligned":
             ratio = run["curve"][-1][1] / original["heldout"]
             lines.append(
-                f"- `aligned` init after {run['curve'][-1][0]:,} distilled tokens: {ratio:.2f}x (target <= 1.6x): {_verdict(ratio, 1.6, 1.6)}."
+                f"- `aligned` init after {run['curve'][-1][0]:,} distilled tokens: {ratio:.2f}x (target <= 1.6x): {'**met**' if ratio <= 1.6 else '**not met**'}."
             )
     similar = by.get(("B", "aligned + similarity"))
     if similar:
@@ -139,7 +141,10 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Merge ablation on SmolLM2-135M",
         "",
-        f"Command: `{results['command']}` ({results['minutes']} min on {results['machine']}, {results['date']}).",
+        *[
+            f"Command: `{run['command']}` ({run['minutes']} min on {run['machine']}, {run['date']})."
+            for run in results.get("runs") or [results]
+        ],
         f"Held-out: the last 30% of `{Path(settings['text']).name}`, first {settings['eval_tokens']} tokens, windows of "
         f"512. Other domains: " + ", ".join(f"`{n[4:]}`" for n in ood_names) + f" (first {settings['eval_tokens']} "
         f"tokens, windows of 512; never calibrated on). Calibration: the first {settings['calib_tokens']} tokens of "
@@ -178,7 +183,8 @@ def write_markdown(results: dict, path: Path) -> None:
         ]
     skipped = [setup for setup in ("A", "B", "C") if setup not in settings["setups"].split(",")]
     if skipped:
-        lines += ["", f"Not run here (`--setups {settings['setups']}`): setups {', '.join(skipped)} ({SKIPPED_NOTE})."]
+        notes = "; ".join(f"{setup}: {SETUP_NOTES[setup]}" for setup in skipped)
+        lines += ["", f"Not run here (`--setups {settings['setups']}`): {notes}."]
     lines += ["", CONVERT_NOTE]
     path.write_text("\n".join(lines) + "\n")
 
