@@ -360,6 +360,10 @@ def test_per_head_moments_stay_positive_semidefinite_under_an_attention_sink_and
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     eigenvalues = torch.linalg.eigvalsh(found)
     assert bool((eigenvalues.min(-1).values >= -1e-15 * eigenvalues.max(-1).values).all())
+    _, _, _, averaged = _statistics(lambda hidden_states: (None, probs), [(hidden, {}, None)], "attended")
+    torch.testing.assert_close(averaged, expected.mean(0), rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    eigenvalues = torch.linalg.eigvalsh(averaged)
+    assert float(eigenvalues.min()) >= -1e-15 * float(eigenvalues.max())
 
 
 def test_per_head_moments_shrink_toward_their_average_as_tokens_get_few():

@@ -3,8 +3,8 @@ y = O f (f: the concatenated per-head outputs, o_proj's input). O minimises
 ||Y - F O^T||^2 + lam ||O - O_0||^2 (lam = ridge x the mean diagonal of F^T F; O_0 the closed-form
 blocks), fitted on the first three quarters of the calibration batches for each candidate ridge and
 checked on the last quarter: the best is kept only if it improves the check, then refitted on every
-batch. How much to trust the fit varies by layer (some layers' fits overfit the calibration text). This lets the query heads'
-o blocks compensate, jointly, what the merged K and V lose."""
+batch. How much to trust the fit varies by layer (some layers' fits overfit the calibration text).
+This lets the query heads' o blocks compensate, jointly, what the merged K and V lose."""
 
 from __future__ import annotations
 

@@ -114,10 +114,9 @@ def _statistics(attention: Any, calls: list[AttentionCall], value_moment: str):
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
             z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
-            if value_moment == "per-head":  # nh x the cost of x's moment, float64 like it, one head at a time
-                batch = torch.stack([_gram(z[:, head].reshape(-1, width).double()) for head in range(z.shape[1])])
-            else:
-                batch = (z.reshape(-1, width).T @ z.reshape(-1, width)).double() / probs.shape[1]
+            # float64 like x's moment (float32 sums of large activations are not PSD), one head at a time
+            grams = (_gram(z[:, head].reshape(-1, width).double()) for head in range(z.shape[1]))
+            batch = torch.stack(list(grams)) if value_moment == "per-head" else sum(grams) / z.shape[1]
             over = batch if over is None else over + batch
     return moment, total / count, count, over
 
