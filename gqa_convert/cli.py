@@ -27,7 +27,7 @@ from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
-from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, VALUE_MOMENTS
+from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, REFINE_TARGETS, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
 from gqa_convert.surgery.groupings import GROUPINGS
@@ -67,6 +67,7 @@ DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
 EvalDType = enum.Enum("EvalDType", {name: name for name in EVAL_DTYPES}, type=str)
 KeyMerge = enum.Enum("KeyMerge", {name: name for name in KEY_MERGES}, type=str)
 ValueMoment = enum.Enum("ValueMoment", {name: name for name in VALUE_MOMENTS}, type=str)
+RefineTarget = enum.Enum("RefineTarget", {name: name for name in REFINE_TARGETS}, type=str)
 _METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
 _GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 
@@ -173,6 +174,7 @@ def _calibration(flags: dict[str, Any]) -> Calibration | None:
         device=flags["device"],
         refine_steps=flags["refine_steps"],
         refine_lr=flags["refine_lr"],
+        refine_target=flags["refine_target"].value if flags["refine_target"] else None,
     )
 
 
@@ -206,8 +208,13 @@ def pool(
         None, help="relative ridge of the o_proj solve (repeatable: the best per layer; default 0.1 0.3 1 3 10)"
     ),
     device: str = typer.Option("auto", help="calibration device: auto (cuda when available), cpu, cuda, cuda:N"),
-    refine_steps: int = typer.Option(0, help="aligned: Adam steps per layer fitting the merged attention"),
+    refine_steps: Optional[int] = typer.Option(
+        None, help="aligned: Adam steps per layer fitting the merged attention (default: 100 on a GPU, 0 on a CPU)"
+    ),
     refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),
+    refine_target: Optional[RefineTarget] = typer.Option(
+        None, help="what --refine-steps fits: the decoder block's output (default, MLP included) or the attention's"
+    ),
 ) -> None:
     """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
     calibration = _calibration(locals())

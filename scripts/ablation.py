@@ -45,7 +45,8 @@ VARIANTS = {
     "aligned, head-averaged V": ("aligned", "contiguous", {"value_moment": "attended"}),
     "aligned, not sequential": ("aligned", "contiguous", {"sequential": False}),
     "aligned, mixed calibration": ("aligned", "contiguous", {"mixed": True}),
-    "aligned + refine": ("aligned", "contiguous", {"refine": True}),
+    "aligned + refine": ("aligned", "contiguous", {"refine": True}),  # toward the block's output
+    "aligned + attention refine": ("aligned", "contiguous", {"refine": True, "refine_target": "attention"}),
     "aligned + similarity": ("aligned", "similarity", {}),
 }
 SETUPS = {
@@ -125,7 +126,8 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
 
     for setup in setups:
         source, label, kv_heads = sources[setup]
-        variants = SETUPS[setup] + (["aligned + refine"] if setup in args.refine_setups.split(",") else [])
+        refined = ["aligned + refine", "aligned + attention refine"]
+        variants = SETUPS[setup] + (refined if setup in args.refine_setups.split(",") else [])
         for variant in variants:
             if "mixed" in variant and not args.calib_extra:
                 continue
@@ -219,6 +221,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=1, help="distillation windows per step (of 512 tokens)")
     parser.add_argument("--render", type=Path, help="only rewrite results.md and recovery.png from a results.json")
     parser.add_argument(
+        "--gpu-check",
+        type=Path,
+        action="append",
+        help="with --render: a gpu_check.json whose refine step ran on this split (repeatable; its rows are added)",
+    )
+    parser.add_argument("--gpu-command", help="with --gpu-check: the command that produced it")
+    parser.add_argument(
         "--add-to",
         type=Path,
         help="a results.json of an earlier run (same --text and token counts): this run's setups are added to it",
@@ -230,6 +239,9 @@ def main() -> None:
     args = parse_args()
     if args.render:
         results = json.loads(args.render.read_text())
+        if args.gpu_check:
+            results["gpu_refine"] = gpu_refine_rows(args.gpu_check, args.gpu_command)
+            (args.docs / "results.json").write_text(json.dumps(results, indent=2, default=str))
         write_markdown(results, args.docs / "results.md")
         plot(results, args.docs / "recovery.png")
         return
@@ -273,6 +285,23 @@ def main() -> None:
     for stage in stages:
         stage()
         write_results(args, results, started, earlier)
+
+
+def gpu_refine_rows(reports: list[Path], command: str | None) -> dict:
+    """The refine step's rows of gpu_check reports (a step cut short keeps its finished rows)."""
+    if not command:
+        raise SystemExit("--gpu-check needs --gpu-command (how the report was made)")
+    rows: dict = {}
+    versions = ""
+    for report in reports:
+        steps = json.loads(report.read_text())["steps"]
+        refine = steps.get("refine") or {}
+        found = refine.get("partial", refine)
+        rows.update({name: row for name, row in found.items() if isinstance(row, dict)})
+        versions = steps.get("environment", {}).get("versions", versions)
+    if "original" not in rows:
+        raise SystemExit(f"{reports}: no refine step with the original's perplexities")
+    return {"command": command, "versions": versions, "rows": rows}
 
 
 def _earlier_results(args: argparse.Namespace) -> dict:

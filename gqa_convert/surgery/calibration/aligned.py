@@ -26,7 +26,7 @@ from gqa_convert.surgery.calibration.output import solve_output
 from gqa_convert.surgery.calibration.sequential import LayerCalibration
 from gqa_convert.surgery.calibration.settings import Calibration
 from gqa_convert.surgery.calibration.trials import attention_error, attention_state, output_moments
-from gqa_convert.surgery.calibration.values import merge_values, shrink_moments
+from gqa_convert.surgery.calibration.values import merge_values, shrink_moments_
 
 TRIAL_BATCHES = 1  # calibration batches (of 4 windows) on which the K candidates are ranked
 
@@ -101,8 +101,9 @@ def aligned_merge(
             new_v, o = merge_values(attention, layer.attended, groups, readers)
         else:
             assert layer.attended is not None
-            per_head = shrink_moments(layer.attended, layer.tokens)
-            new_v, o = merge_values(attention, layer.attended.mean(0), groups, readers, per_head)
+            average = layer.attended.mean(0)  # shrinking toward the average leaves the average as it is
+            per_head = shrink_moments_(layer.attended, layer.tokens)
+            new_v, o = merge_values(attention, average, groups, readers, per_head)
         v = repeat_by_group(new_v, groups, len(attention.v))
     if "k" in sides:
         new_k, q, key_report = _merge_keys(attention, layer, groups, readers, settings)

@@ -6,6 +6,7 @@ source's attention tensors."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,8 +139,8 @@ def output_layout(merged: Attention, groups: Groups) -> Attention:
     return dataclasses.replace(merged, k=first_of_group(merged.k, groups), v=first_of_group(merged.v, groups))
 
 
-def _summary(layer: int, report: dict[str, Any]) -> str:
-    parts = [f"layer {layer}:"]
+def _summary(layer: int, seconds: float, report: dict[str, Any]) -> str:
+    parts = [f"layer {layer} ({seconds:.1f} s):"]
     if "keys" in report:
         band = f" (band of {report['band_pairs']} pairs)" if report.get("band_pairs") else ""
         parts.append(f"K {report['keys']}{band}")
@@ -148,7 +149,7 @@ def _summary(layer: int, report: dict[str, Any]) -> str:
         kept = f"kept (ridge {report['output_ridge']:g})" if report["output_solved"] else "not kept"
         parts.append(f"o_proj solve {kept} ({before:.4f} -> {after:.4f})")
     if "refine" in report:
-        parts.append("refined {:.4f} -> {:.4f}".format(*report["refine"]))
+        parts.append("refined ({}) {:.4g} -> {:.4g}".format(*report["refine"]))
     return " ".join(parts)
 
 
@@ -166,6 +167,7 @@ class _Pass:
     log: Callable[[str], None]
     plans: dict[int, HeadPlan] = field(default_factory=dict)
     overrides: dict[str, Path] = field(default_factory=dict)
+    last: float = field(default_factory=time.monotonic)  # when the previous layer was done
 
     def visit(self, layer: LayerCalibration) -> dict[str, torch.Tensor] | None:
         """Groups and (calibrated method) merged tensors of one layer; the state the next layers see."""
@@ -186,12 +188,14 @@ class _Pass:
         dtypes = {name: info.dtype for name, info in self.checkpoint.tensors.items()}
         tensors = attention_tensors(output_layout(merged.attention, plan.groups).to("cpu"), names, dtypes)
         source_layout = merged.attention
-        if self.calibration.refine_steps > 0:
+        if self.calibration.refine_steps:
             tensors, source_layout = self._refine(layer, plan, names, tensors, merged.report)
         path = self.workdir / f"layer-{layer.index:05d}.safetensors"
         save_file(tensors, path)
         self.overrides.update(dict.fromkeys(tensors, path))
-        self.log(_summary(layer.index, merged.report))
+        now = time.monotonic()  # the layer's whole work: its forwards, statistics, merge and refinement
+        self.log(_summary(layer.index, now - self.last, merged.report))
+        self.last = now
         return {**attention_state(source_layout, layer.projections), **layer.kv_norms}
 
     def _refine(self, layer, plan, names, tensors, report):
@@ -199,10 +203,9 @@ class _Pass:
         prefix = arch.layer_prefix.format(layer=layer.index) + arch.attention_module + "."
         query_dims = {q.suffix.split(".", 1)[1]: q.dim for q in arch.query_tensors}
         calibration = self.calibration
-        tensors, before, after = refine(
-            layer, tensors, plan, prefix, query_dims, calibration.refine_steps, calibration.refine_lr
-        )
-        report["refine"] = (before, after)
+        steps, lr, target = calibration.refine_steps, calibration.refine_lr, calibration.refine_target or "block"
+        tensors, before, after = refine(layer, tensors, plan, prefix, query_dims, steps, lr, target)
+        report["refine"] = (target, before, after)
         refined = _attention_from(tensors.get, names, plan.num_heads, plan.new_kv, plan.head_dim).to(layer.device)
         old_kv = plan.old_kv
         source_layout = dataclasses.replace(

@@ -1,46 +1,81 @@
-"""Refinement: fit one layer's merged q/k/v/o to the original attention module's outputs on the
-calibration inputs (the student's inputs with sequential calibration) (relative squared error, Adam, full batch). The last quarter of the calibration
-batches is held out and the step kept is the best there, so refinement never makes that fit worse."""
+"""Refinement: fit one layer's merged q/k/v/o by Adam (full batch) on the calibration inputs (the
+student's inputs with sequential calibration), to one of two targets:
+
+- attention: the original attention module's outputs (relative squared error);
+- block: the original decoder layer's outputs (the residual stream after the layer, MLP included),
+  per-token relative squared error. The MLP's response to the attention's error counts, and with
+  sequential calibration the attention also corrects the drift the merged layers before it left in
+  the residual stream. Only the attention's weights change.
+
+The last quarter of the calibration batches is held out and the step kept is the best there, so
+refinement never makes that fit worse."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from gqa_convert.surgery.calibration.sequential import AttentionCall, LayerCalibration
+from gqa_convert.surgery.calibration.settings import REFINE_TARGETS
 from gqa_convert.surgery.layouts import permute_query_tensor
 from gqa_convert.surgery.plan import HeadPlan
 
+Error = Callable[[Any, Sequence[AttentionCall]], torch.Tensor]
 
-def _relative_error(module: Any, batches: Sequence[AttentionCall]) -> torch.Tensor:
+
+def _output(module: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    output = module(hidden, **kwargs)
+    return output[0] if isinstance(output, tuple) else output
+
+
+def attention_error(module: Any, batches: Sequence[AttentionCall]) -> torch.Tensor:
+    """Squared error over the batches relative to the targets' squared norm."""
     total, norm = 0.0, 0.0
     for hidden, kwargs, target in batches:
-        output = module(hidden_states=hidden, **kwargs)
-        output = output[0] if isinstance(output, tuple) else output
-        total = total + (output - target).pow(2).sum()
+        total = total + (_output(module, hidden, kwargs) - target).pow(2).sum()
         norm += float(target.pow(2).sum())
     return total / norm
 
 
-def _fit(module: Any, train: Sequence[AttentionCall], check: Sequence[AttentionCall], steps: int, lr: float):
-    """Adam on every parameter of the module; returns the held-out error before, the best, and the
-    state at the best held-out step (checked every 5 steps and at the last)."""
-    optimizer = torch.optim.Adam(list(module.parameters()), lr=lr)
+def block_error(module: Any, batches: Sequence[AttentionCall]) -> torch.Tensor:
+    """Mean over tokens of each token's squared error relative to its target's squared norm: what the
+    next layer's input norm sees (a token with massive activations does not outweigh the others)."""
+    total, count = 0.0, 0
+    for hidden, kwargs, target in batches:
+        error = (_output(module, hidden, kwargs) - target).pow(2).sum(-1)
+        total = total + (error / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)).sum()
+        count += error.numel()
+    return total / count
+
+
+TARGETS: dict[str, Error] = {"attention": attention_error, "block": block_error}
+assert tuple(TARGETS) == REFINE_TARGETS
+
+
+def _fit(module: Any, attention: Any, trained: set[str], error: Error, train, check, steps: int, lr: float):
+    """Adam on the attention's parameters named in `trained`; returns the held-out error before, the
+    best, and the attention's state at the best held-out step (checked every 5 steps and at the last)."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    parameters = [parameter for name, parameter in attention.named_parameters() if name in trained]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
     with torch.no_grad():
-        before = best = float(_relative_error(module, check))
-    best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        before = best = float(error(module, check))
+    best_state = {k: v.detach().clone() for k, v in attention.state_dict().items()}
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        _relative_error(module, train).backward()
+        error(module, train).backward()
         optimizer.step()
         if step % 5 == 4 or step == steps - 1:
             with torch.no_grad():
-                now = float(_relative_error(module, check))
+                now = float(error(module, check))
             if now < best:
-                best, best_state = now, {k: v.detach().clone() for k, v in module.state_dict().items()}
+                best, best_state = now, {k: v.detach().clone() for k, v in attention.state_dict().items()}
     return before, best, best_state
 
 
@@ -52,13 +87,15 @@ def refine(
     query_dims: dict[str, int],
     steps: int,
     lr: float,
+    target: str = "attention",
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Refine the merged tensors of one layer (names under attention_prefix, query heads in source
-    order). Returns the tensors and the held-out error before and after."""
-    calls = stats.calls
-    held = max(1, len(calls) // 4)
-    train, check = calls[:-held], calls[-held:]
-    module = stats.make_attention(plan.new_kv)
+    order) toward `target` (a key of TARGETS). Returns the tensors and the held-out error before and after."""
+    batches = stats.calls if target == "attention" else stats.blocks
+    held = max(1, len(batches) // 4)
+    train, check = batches[:-held], batches[-held:]
+    layer = stats.make_layer(plan.new_kv)
+    attention = getattr(layer, stats.attention_name)
     local = {}
     for name, tensor in tensors.items():  # into the plan's query order: the order the module computes in
         key = name[len(attention_prefix) :]
@@ -68,13 +105,18 @@ def refine(
             if dim is None
             else permute_query_tensor(tensor.float(), dim, plan.num_heads, plan.query_order)
         )
-    missing, unexpected = module.load_state_dict(local, strict=False)
+    # what the merge does not write (an o_proj bias, a k norm shared by the heads) stays the source's, frozen
+    source = stats.module.state_dict()
+    attention.load_state_dict(local, strict=False)
+    kept = {k: source[k] for k in attention.state_dict() if k not in local and k in source}
+    missing, unexpected = attention.load_state_dict({**kept, **local}, strict=False)
     if missing or unexpected or not train:
         reason = f"parameters not covered: {missing or unexpected}" if missing or unexpected else "too few batches"
         warnings.warn(f"refinement skipped for {attention_prefix}: {reason}", stacklevel=2)
         return tensors, float("nan"), float("nan")
+    module = attention if target == "attention" else layer
     with torch.enable_grad():
-        before, best, best_state = _fit(module, train, check, steps, lr)
+        before, best, best_state = _fit(module, attention, set(local), TARGETS[target], train, check, steps, lr)
     inverse = plan.inverse_query_order()
     refined = {}
     for name, tensor in tensors.items():  # back to source query order, as the merged tensors are kept

@@ -3,7 +3,8 @@
 Two residual streams run through the layers: the source model's (the teacher) and, with sequential
 calibration, the converted model's (the student: GPTQ-style, each layer is calibrated on the inputs
 the already merged layers before it produce, so it learns to correct what they lost). Per layer:
-the teacher's attention outputs are the targets; the student's attention inputs give the statistics
+the teacher's attention outputs (and, for block refinement, its layer outputs) are the targets; the
+student's attention inputs give the statistics
 (the second moment of [x, 1], its mean, and each query head's attended moment from the layer's own
 attention probabilities); a visitor merges the layer and returns its attention weights in the source's layout
 (merged kv heads repeated to every member of their group: the same function as the merged layer),
@@ -48,6 +49,7 @@ class LayerCalibration:
     index: int
     module: Any  # the layer's attention module with the source weights (eager, on the device)
     calls: list[AttentionCall]  # per batch: student attention input, kwargs, teacher attention output
+    blocks: list[AttentionCall]  # per batch: student layer input, kwargs, teacher layer output
     moment: torch.Tensor  # sum of [x, 1][x, 1]^T
     mean: torch.Tensor  # mean of [x, 1]
     tokens: int
@@ -57,13 +59,18 @@ class LayerCalibration:
     pairs: list[tuple[int, int]]  # RoPE pairs, then the non-rotary dimensions paired
     rotary_dim: int
     key_norm: bool  # K is normalised after its projection: no change of K commutes with that
-    make_attention: Callable[[int], Any]  # kv heads -> a fresh attention module of this layer (eager, device)
+    make_layer: Callable[[int], Any]  # kv heads -> this decoder layer (eager, device), attention freshly built
     projections: dict[str, str]  # role (q, k, v, o) -> the projection's name inside the attention module
+    attention_name: str  # the attention module's name inside the decoder layer
     kv_norms: dict[str, torch.Tensor] = field(default_factory=dict)  # merged k norms, source layout (set per plan)
 
     @property
     def device(self) -> torch.device:
         return self.moment.device
+
+    def make_attention(self, kv_heads: int) -> Any:
+        """A fresh attention module of this layer with `kv_heads` kv heads (eager, float32, device)."""
+        return getattr(self.make_layer(kv_heads), self.attention_name)
 
 
 # the visitor: merges one layer; returns the attention module's new state (source layout), or None
@@ -114,15 +121,17 @@ def _statistics(attention: Any, calls: list[AttentionCall], value_moment: str):
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
             z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
-            # float64 like x's moment (float32 sums of large activations are not PSD), one head at a time
-            grams = (_gram(z[:, head].reshape(-1, width).double()) for head in range(z.shape[1]))
-            batch = torch.stack(list(grams)) if value_moment == "per-head" else sum(grams) / z.shape[1]
-            over = batch if over is None else over + batch
+            heads = z.shape[1]
+            if over is None:  # one (d + 1)^2 moment per head, or their average: summed in place
+                shape = (heads, width, width) if value_moment == "per-head" else (width, width)
+                over = torch.zeros(shape, dtype=torch.float64, device=device)
+            for head in range(heads):  # float64 (float32 sums of large activations are not PSD), one at a time
+                rows = z[:, head].reshape(-1, width).double()
+                if value_moment == "per-head":
+                    over[head].addmm_(rows.T, rows)
+                else:
+                    over.addmm_(rows.T, rows, alpha=1 / heads)
     return moment, total / count, count, over
-
-
-def _gram(rows: torch.Tensor) -> torch.Tensor:
-    return rows.T @ rows
 
 
 def run_layers(
@@ -144,6 +153,8 @@ def run_layers(
         layer = load_layer(checkpoint, index, device, template)
         attention = getattr(layer, arch.attention_module)
         teacher_calls, outputs = _attention_calls(layer, attention, _batches(teacher, kwargs), run_all=True)
+        inputs = student if student is not None else teacher
+        blocks = [(x, rest, target) for x, rest, target in zip(inputs, kwargs, outputs)]
         teacher = outputs
         if student is not None:
             student_calls, _ = _attention_calls(layer, attention, _batches(student, kwargs), run_all=False)
@@ -156,6 +167,7 @@ def run_layers(
                 index,
                 attention,
                 calls,
+                blocks,
                 moment,
                 mean,
                 tokens,
@@ -163,27 +175,31 @@ def run_layers(
                 rotary_pairs(hd, rotary, arch.rotary_interleaved),
                 rotary,
                 key_norm,
-                _attention_factory(checkpoint, template, index, device),
+                _layer_factory(checkpoint, template, layer, index, device),
                 projections,
+                arch.attention_module,
             )
         )
         if student is not None:
             if state is not None:
                 attention.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
             _, student = _attention_calls(layer, attention, _batches(student, kwargs), run_all=True)
-        del layer, attention, calls
+        del layer, attention, calls, blocks
 
 
 def _batches(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[Batch]:
     return [Batch(state, rest) for state, rest in zip(hidden, kwargs)]
 
 
-def _attention_factory(checkpoint: Checkpoint, template: Any, index: int, device: str) -> Callable[[int], Any]:
+def _layer_factory(checkpoint: Checkpoint, template: Any, source: Any, index: int, device: str) -> Callable[[int], Any]:
+    """kv heads -> a copy of the source decoder layer with a freshly built attention of that kv count."""
     attention_name = checkpoint.architecture.attention_module
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith(attention_name + ".")}
 
     def make(kv_heads: int) -> Any:
         with torch.device(device):
             layer = type(template)(layer_config(checkpoint, kv_heads), index)
-        return getattr(layer, attention_name).float()
+        layer.load_state_dict(kept, strict=False)
+        return layer.eval().float()
 
     return make

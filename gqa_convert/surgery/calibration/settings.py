@@ -2,12 +2,15 @@
 
 The defaults are the best recipe measured on SmolLM2-135M (docs/results.md): frequency-aware K merge,
 V fitted to each query head's attended moment, joint o_proj solve (ridge chosen per layer),
-sequential calibration. The old closed-form merge is `key_merge="complex", value_moment="plain",
+sequential calibration, and on a GPU each layer refined toward the decoder block's output (on a CPU
+that refinement is what most of the time would go to, so it is left to --refine-steps, with a warning). The old closed-form merge is `key_merge="complex", value_moment="plain",
 output_ridges=None, sequential=False`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 
 from gqa_convert.errors import GQAConvertError
@@ -15,6 +18,8 @@ from gqa_convert.errors import GQAConvertError
 KEY_MERGES = ("frequency", "complex")
 VALUE_MOMENTS = ("per-head", "attended", "plain")
 OUTPUT_RIDGES = (0.1, 0.3, 1.0, 3.0, 10.0)
+REFINE_TARGETS = ("attention", "block")  # refine.py: what a refined layer is fitted to
+GPU_REFINE_STEPS = 100  # refinement steps per layer by default where the calibration runs on a GPU
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -38,15 +43,24 @@ class Calibration:
     # of the calibration batches; None: no solve
     output_ridges: tuple[float, ...] | None = OUTPUT_RIDGES
     sequential: bool = True  # each layer calibrated on the outputs of the merged layers before it
-    refine_steps: int = 0  # Adam steps per layer fitting the merged attention to the original
+    # Adam steps per layer fitting the merged attention to the original; None: GPU_REFINE_STEPS on a
+    # GPU, 0 on a CPU (resolved())
+    refine_steps: int | None = None
     refine_lr: float = 3e-4
+    refine_target: str | None = None  # the decoder block's output (None, "block") or the attention's
     device: str = "auto"  # auto: cuda when available
 
     def __post_init__(self) -> None:
         if self.tokens < 1 or self.seq_len < 2:
             raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
-        if self.refine_steps < 0 or self.refine_lr <= 0:
+        if (self.refine_steps is not None and self.refine_steps < 0) or self.refine_lr <= 0:
             raise GQAConvertError("--refine-steps must be at least 0 and --refine-lr positive")
+        if self.refine_target is not None and self.refine_steps == 0:
+            warnings.warn("--refine-target is ignored with --refine-steps 0", stacklevel=3)
+        if self.refine_target is not None and self.refine_target not in REFINE_TARGETS:
+            raise GQAConvertError(
+                f"unknown refine target '{self.refine_target}'; choose one of: {', '.join(REFINE_TARGETS)}"
+            )
         if self.key_merge not in KEY_MERGES:
             raise GQAConvertError(f"unknown key merge '{self.key_merge}'; choose one of: {', '.join(KEY_MERGES)}")
         if self.value_moment not in VALUE_MOMENTS:
@@ -67,6 +81,21 @@ class Calibration:
     @property
     def sources(self) -> tuple[str, ...]:
         return (self.data, *self.extra_data)
+
+    def resolved(self) -> Calibration:
+        """The settings as run: the device chosen, the refinement steps and target decided (what the
+        provenance records). On a CPU the GPU's default refinement is skipped, with a warning."""
+        device = self.torch_device()
+        steps = self.refine_steps
+        if steps is None:
+            steps = GPU_REFINE_STEPS if device.startswith("cuda") else 0
+            if not steps:
+                warnings.warn(
+                    f"calibrating on the CPU: the block refinement a GPU runs by default is skipped "
+                    f"(--refine-steps {GPU_REFINE_STEPS} runs it here, many times the calibration's time)",
+                    stacklevel=3,
+                )
+        return dataclasses.replace(self, device=device, refine_steps=steps, refine_target=self.refine_target or "block")
 
     def torch_device(self) -> str:
         """The device the calibration runs on: auto is cuda when one is visible, else cpu."""

@@ -16,7 +16,7 @@ sum_h C_h^T C_h W_v M_h = sum_h C_h^T A_h M_h are solved by preconditioned conju
 current W_v. Each half-step lowers the objective, so the result is never worse than the start. The
 M_h are accumulated in float64 (float32 sums of the residual stream's large activations are not
 positive semi-definite) and shrunk toward their average where calibration tokens are few
-(shrink_moments).
+(shrink_moments_).
 """
 
 from __future__ import annotations
@@ -72,19 +72,30 @@ def merge_values(
     return new_v, new_o
 
 
-def shrink_moments(per_head: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Each query head's attended moment (nh, w, w) shrunk toward the heads' average by w / (w + tokens):
-    a head's moment from few tokens is rank-deficient, and the alternation would fit directions the
-    calibration text never excited (a few hundred tokens gave perplexities in the thousands)."""
+def shrink_moments_(per_head: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Each query head's attended moment (nh, w, w) shrunk in place toward the heads' average by
+    w / (w + tokens): a head's moment from few tokens is rank-deficient, and the alternation would fit
+    directions the calibration text never excited (a few hundred tokens gave perplexities in the
+    thousands). In place: for a 70B shape each copy is tens of GB."""
     width = per_head.shape[-1]
     weight = width / (width + tokens)
-    return (1 - weight) * per_head + weight * per_head.mean(0, keepdim=True)
+    average = per_head.mean(0)
+    return per_head.mul_(1 - weight).add_(average, alpha=weight)
 
 
-def value_objective(targets: torch.Tensor, moments: torch.Tensor, blocks: torch.Tensor, shared: torch.Tensor) -> float:
-    """sum_h tr((A_h - C_h W) M_h (A_h - C_h W)^T)."""
-    residual = targets - blocks @ shared
-    return float(torch.einsum("nij,njk,nik->", residual, moments, residual))
+# A target A_h = left_h @ right_h, as its factors: (n, d_out, r) and (n, r, width); for o_h W_v,k the
+# inner size r is hd, so the (n, d_out, width) products (tens of GB for a 70B shape) are never formed
+Factored = tuple[torch.Tensor, torch.Tensor]
+
+
+def value_objective(targets: Factored, moments: torch.Tensor, blocks: torch.Tensor, shared: torch.Tensor) -> float:
+    """sum_h tr((A_h - C_h W) M_h (A_h - C_h W)^T), expanded in the factors of A_h."""
+    left, right = targets
+    fitted = shared @ moments  # (n, hd, width): W M_h
+    target_term = torch.einsum("nab,nab->", left.transpose(1, 2) @ left, right @ moments @ right.transpose(1, 2))
+    cross = torch.einsum("nab,nba->", left.transpose(1, 2) @ blocks, fitted @ right.transpose(1, 2))
+    fit_term = torch.einsum("nab,nba->", blocks.transpose(1, 2) @ blocks, fitted @ shared.T)
+    return float(target_term - 2 * cross + fit_term)
 
 
 def alternate(
@@ -93,8 +104,12 @@ def alternate(
     """The alternating solve for one group (module docstring). heads: (query head, its source kv head);
     shared: the starting W_v (hd, width). Returns W_v and the o blocks C_h (n, d_out, hd)."""
     width = shared.shape[1]
-    moments = torch.stack([restrict(per_head[h], attention.v_bias) for h, _ in heads])  # (n, width, width)
-    targets = torch.stack([attention.o[:, h, :] @ attention.v[k, :, :width] for h, k in heads])  # (n, d_out, width)
+    order = [h for h, _ in heads]
+    if order == list(range(len(per_head))):  # every head in order (MQA): a view, not a copy of tens of GB
+        moments = per_head if attention.v_bias else per_head[:, :-1, :-1]
+    else:
+        moments = torch.stack([restrict(per_head[h], attention.v_bias) for h in order])  # (n, width, width)
+    targets = attention.o[:, order, :].transpose(0, 1), attention.v[[k for _, k in heads], :, :width]
     blocks = best_blocks(targets, moments, shared)
     for _ in range(VALUE_ROUNDS):
         shared = solve_shared(targets, moments, blocks, shared)
@@ -102,22 +117,23 @@ def alternate(
     return shared, blocks
 
 
-def best_blocks(targets: torch.Tensor, moments: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+def best_blocks(targets: Factored, moments: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     """C_h = A_h M_h W^T (W M_h W^T)^-1 for every head: (n, d_out, hd)."""
+    left, right = targets
     projected = shared @ moments  # (n, hd, width): W M_h
     gram = projected @ shared.T  # (n, hd, hd)
     scale = RIDGE * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(gram + scale[:, None, None] * eye, projected @ targets.transpose(1, 2)).transpose(1, 2)
+    rhs = (projected @ right.transpose(1, 2)) @ left.transpose(1, 2)  # (n, hd, d_out): W M_h A_h^T
+    return torch.linalg.solve(gram + scale[:, None, None] * eye, rhs).transpose(1, 2)
 
 
-def solve_shared(
-    targets: torch.Tensor, moments: torch.Tensor, blocks: torch.Tensor, start: torch.Tensor
-) -> torch.Tensor:
+def solve_shared(targets: Factored, moments: torch.Tensor, blocks: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """W minimising sum_h ||(A_h - C_h W) L_h||^2 given the C_h: conjugate gradients on
     sum_h P_h W M_h = R (P_h = C_h^T C_h), preconditioned by (mean P)^-1 . (mean M)^-1, from `start`."""
+    left, right = targets
     outer = blocks.transpose(1, 2) @ blocks  # (n, hd, hd)
-    rhs = (blocks.transpose(1, 2) @ targets @ moments).sum(0)  # (hd, width)
+    rhs = ((blocks.transpose(1, 2) @ left) @ (right @ moments)).sum(0)  # (hd, width)
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         return (outer @ x @ moments).sum(0)
