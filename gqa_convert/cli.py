@@ -156,8 +156,10 @@ def inspect(
 
 def _calibration(flags: dict[str, Any]) -> Calibration | None:
     """pool's calibration flags as a Calibration (None without --calib-data)."""
-    if flags["refine_steps"] and not flags["calib_data"]:
-        raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned --calib-data FILE")
+    if (flags["refine_steps"] or flags["refine_target"]) and not flags["calib_data"]:
+        raise GQAConvertError(
+            "--refine-steps/--refine-target refine a calibrated merge: add --method aligned --calib-data FILE"
+        )
     if not flags["calib_data"]:
         return None
     return Calibration(

@@ -23,6 +23,7 @@ import datetime as dt
 import importlib.util
 import json
 import platform
+import re
 import shutil
 import sys
 import time
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_report import plot, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
+OLD = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False, refine_steps=0)
 # name -> (method, grouping, calibration overrides; None: no calibration)
 VARIANTS = {
     "mean": ("mean", "contiguous", None),
@@ -98,6 +99,12 @@ def shuffled_mha(gqa3: Path, out: Path, seed: int = 0) -> list[int]:
     return order
 
 
+def names(listed: str) -> list[str]:
+    """Variant names listed with commas: a comma followed by a space is part of a name ("aligned, not
+    sequential"), one without separates names."""
+    return [name for name in re.split(r",(?! )", listed) if name]
+
+
 def perplexities(model: Path, texts: dict[str, Path], tokens: int) -> dict[str, float]:
     from gqa_convert.evaluate import EvalOptions, evaluate
 
@@ -128,6 +135,8 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
         source, label, kv_heads = sources[setup]
         refined = ["aligned + refine", "aligned + attention refine"]
         variants = SETUPS[setup] + (refined if setup in args.refine_setups.split(",") else [])
+        if args.variants:
+            variants = [variant for variant in variants if variant in names(args.variants)]
         for variant in variants:
             if "mixed" in variant and not args.calib_extra:
                 continue
@@ -141,7 +150,7 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
             row.update(grouping=grouping, convert_s=round(seconds, 1), **perplexities(out, texts, args.eval_tokens))
             results["init"].append(row)
             print(json.dumps(row), flush=True)
-            if setup == "A" and variant in args.uptrain_inits.split(","):
+            if setup == "A" and variant in names(args.uptrain_inits):
                 results.setdefault("models", {})[variant] = str(out)
             else:
                 shutil.rmtree(out)
@@ -150,7 +159,7 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
 def diagnostic_rows(args, gqa3, texts, calib, results) -> None:
     from merge_diagnostic import one_side_perplexities
 
-    for variant in args.diagnose.split(","):
+    for variant in names(args.diagnose):
         if not variant:
             continue
         tic = time.time()
@@ -166,7 +175,7 @@ def uptrain_rows(args, gqa3, calib, heldout, results) -> None:
     from gqa_convert.train.launch import uptrain
     from gqa_convert.train.settings import TrainSettings
 
-    for variant in args.uptrain_inits.split(","):
+    for variant in names(args.uptrain_inits):
         if variant not in results.get("models", {}):
             continue
         out = args.work / f"uptrain-{variant.replace(' ', '_').replace('(', '').replace(')', '')}"
@@ -210,12 +219,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument(
-        "--diagnose", default="aligned (old),aligned", help="variants given the K-only/V-only diagnostic"
+        "--diagnose",
+        default="aligned (old),aligned",
+        help="variants given the K-only/V-only diagnostic (comma-separated, no space after the comma)",
     )
     parser.add_argument("--uptrain-tokens", type=int, default=16384)
     parser.add_argument("--uptrain-inits", default="mean,aligned (old),aligned")
     parser.add_argument("--refine-setups", default="", help="setups that also get an 'aligned + refine' row")
-    parser.add_argument("--refine-steps", type=int, default=30)
+    parser.add_argument("--refine-steps", type=int, default=100)
+    parser.add_argument("--variants", default="", help="only these variants of each setup (as --diagnose)")
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--micro-batch", type=int, default=1, help="distillation windows per step (of 512 tokens)")
@@ -230,7 +242,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--add-to",
         type=Path,
-        help="a results.json of an earlier run (same --text and token counts): this run's setups are added to it",
+        help="a results.json of an earlier run (same --text and token counts): this run's setups are added to "
+        "it (with --variants: its rows and diagnostics replace the earlier run's of the same variants)",
     )
     return parser.parse_args()
 
@@ -273,8 +286,9 @@ def main() -> None:
         sources["C"] = (args.work / "mha9", "MHA-9 (shuffled expansion)", 1)
     setups = args.setups.split(",")
     earlier = _earlier_results(args) if args.add_to else None
-    if earlier is not None:  # only this run's setups' conversions; the rest comes from the earlier run
-        results["uptrain"] = earlier["uptrain"]
+    # with --add-to, the rest comes from the earlier run; with --variants too, this run's diagnostics and
+    # distillations replace those of the same variants
+    if earlier is not None and not args.variants:
         args.uptrain_inits, args.diagnose = "", ""
     stages = (  # setup A and what uses its models first: every stage ends with the docs written
         lambda: convert_rows(args, [s for s in setups if s == "A"], sources, texts, calib, results),
@@ -309,9 +323,16 @@ def _earlier_results(args: argparse.Namespace) -> dict:
     for key in ("text", "calib_tokens", "eval_tokens"):
         if str(earlier["settings"][key]) != str(getattr(args, key)):
             raise SystemExit(f"--add-to {args.add_to}: its --{key.replace('_', '-')} differs from this run's")
-    if set(args.setups.split(",")) & set(earlier["settings"]["setups"].split(",")):
+    if not args.variants and set(args.setups.split(",")) & set(earlier["settings"]["setups"].split(",")):
         raise SystemExit(f"--add-to {args.add_to} already has setups {earlier['settings']['setups']}")
     return earlier
+
+
+def _replaced(earlier: list[dict], ours: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The earlier rows with ours in place of those of the same key; ours that are new at the end."""
+    new = {tuple(row[k] for k in key): row for row in ours}
+    kept = [new.pop(tuple(row[k] for k in key), row) for row in earlier]
+    return kept + list(new.values())
 
 
 def write_results(args: argparse.Namespace, results: dict, started: float, earlier: dict | None = None) -> None:
@@ -326,10 +347,14 @@ def write_results(args: argparse.Namespace, results: dict, started: float, earli
         runs = earlier.get("runs") or [{k: earlier[k] for k in ("command", "minutes", "date", "machine")}]
         this = {k: results[k] for k in ("command", "minutes", "date", "machine")}
         ours = [row for row in results["init"] if row["setup"] in args.setups.split(",")]
+        diagnosed, uptrained = results["diagnostic"], results["uptrain"]
         results = {**earlier, **{k: v for k, v in results.items() if k in ("shuffle", "mha9")}}
-        results["init"] = earlier["init"] + ours
+        results["init"] = _replaced(earlier["init"], ours, ("setup", "variant"))
+        results["diagnostic"] = _replaced(earlier["diagnostic"], diagnosed, ("variant", "side"))
+        results["uptrain"] = _replaced(earlier["uptrain"], uptrained, ("variant",))
         results["runs"] = runs + [this]
-        results["settings"] = {**earlier["settings"], "setups": earlier["settings"]["setups"] + "," + args.setups}
+        setups = dict.fromkeys(earlier["settings"]["setups"].split(",") + args.setups.split(","))
+        results["settings"] = {**earlier["settings"], "setups": ",".join(setups)}
     (args.docs / "results.json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, args.docs / "results.md")
     plot(results, args.docs / "recovery.png")

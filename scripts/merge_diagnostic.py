@@ -81,7 +81,11 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--old", action="store_true", help="the closed-form merge before the current recipe")
     args = parser.parse_args()
-    old = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False) if args.old else {}
+    old = (
+        dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False, refine_steps=0)
+        if args.old
+        else {}
+    )
     calibration = Calibration(data=args.calib, tokens=args.calib_tokens, seq_len=512, **old)
     for label, values in one_side_perplexities(
         args.model, calibration, {"held-out": args.heldout}, args.eval_tokens

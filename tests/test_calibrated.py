@@ -99,6 +99,7 @@ def test_calibration_input_is_checked(tmp_path):
     build(tmp_path / "src", "llama")
     out = tmp_path / "out"
     fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned"], "--calib-data")
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--refine-target", "block"], "--refine-target", "--calib-data")
     fails(
         ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "no.txt"],
         "data not found",
@@ -180,12 +181,26 @@ def test_refine_target_is_checked_and_warned_about_when_unused():
 
 
 def test_refinement_defaults_to_the_block_target_on_a_gpu_and_is_skipped_with_a_warning_on_a_cpu():
-    with pytest.warns(UserWarning, match="--refine-steps 100 runs it here"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         resolved = Calibration(data=str(SAMPLE), device="cpu").resolved()
-    assert (resolved.refine_steps, resolved.refine_target, resolved.device) == (0, "block", "cpu")
+    assert [str(w.message) for w in caught if "--refine-steps 100 runs it here" in str(w.message)]
+    assert len(caught) == 1, [str(w.message) for w in caught]  # that one warning, nothing else
+    assert (resolved.refine_steps, resolved.refine_target, resolved.device) == (0, None, "cpu")
+    assert Calibration(data=str(SAMPLE), device="cpu", refine_steps=3).resolved().refine_target == "block"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chosen = Calibration(data=str(SAMPLE), device="cpu", refine_steps=7, refine_target="attention").resolved()
     assert (chosen.refine_steps, chosen.refine_target) == (7, "attention")
     if torch.cuda.is_available():
         assert Calibration(data=str(SAMPLE), device="cuda").resolved().refine_steps == 100
+
+
+def test_refinement_of_a_model_with_kv_dependent_k_norms_is_skipped_with_a_warning(tmp_path):
+    """olmo2 normalises K over all kv heads at once: the merged norm is not a tensor refinement fits,
+    so each layer's refinement is skipped (named in a warning) and the output still loads."""
+    build(tmp_path / "src", "olmo2", num_attention_heads=8, num_key_value_heads=4)
+    calibration = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=2)
+    with pytest.warns(UserWarning, match="refinement skipped for model.layers.0.*k_norm"):
+        pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, method="aligned", calibration=calibration))
+    assert load(tmp_path / "out").config.num_key_value_heads == 1

@@ -108,6 +108,10 @@ def test_library_callers_get_the_cli_checks(tmp_path):
     calibration = Calibration(data=str(tmp_path / "calib.txt"), refine_steps=30)
     with pytest.raises(GQAConvertError, match="--refine-steps"):
         PoolOptions(kv_heads=1, method="mean", calibration=calibration)
+    with pytest.raises(GQAConvertError, match="--refine-target"):
+        PoolOptions(
+            kv_heads=1, method="mean", calibration=Calibration(data=str(tmp_path / "c.txt"), refine_target="block")
+        )
     with pytest.raises(GQAConvertError, match="choose auto or one of"):
         InspectOptions(cache_dtype="bad")
     with pytest.raises(GQAConvertError, match="unknown method 'median'"):

@@ -60,8 +60,9 @@ class PoolOptions(ConversionOptions):
             raise GQAConvertError(
                 f"--method {self.method} --grouping {self.grouping} needs calibration text: pass --calib-data FILE"
             )
-        if self.calibration is not None and self.calibration.refine_steps and not self.merge_method.needs_calibration:
-            raise GQAConvertError("--refine-steps refines a calibrated merge: add --method aligned")
+        refining = self.calibration is not None and (self.calibration.refine_steps or self.calibration.refine_target)
+        if refining and not self.merge_method.needs_calibration:
+            raise GQAConvertError("--refine-steps/--refine-target refine a calibrated merge: add --method aligned")
         if not self.calibrated and self.calibration is not None:
             warnings.warn(
                 "--calib-data is ignored: mean/first/random with contiguous grouping use no calibration", stacklevel=3

@@ -105,10 +105,14 @@ def refine(
             if dim is None
             else permute_query_tensor(tensor.float(), dim, plan.num_heads, plan.query_order)
         )
-    # what the merge does not write (an o_proj bias, a k norm shared by the heads) stays the source's, frozen
+    # what the merge does not write and does not depend on the kv count (an o_proj bias, a k norm shared by
+    # the heads) stays the source's, frozen; a kv-dependent one (a k norm per kv head) is not covered
     source = stats.module.state_dict()
-    attention.load_state_dict(local, strict=False)
-    kept = {k: source[k] for k in attention.state_dict() if k not in local and k in source}
+    kept = {
+        k: source[k]
+        for k, v in attention.state_dict().items()
+        if k not in local and k in source and source[k].shape == v.shape
+    }
     missing, unexpected = attention.load_state_dict({**kept, **local}, strict=False)
     if missing or unexpected or not train:
         reason = f"parameters not covered: {missing or unexpected}" if missing or unexpected else "too few batches"

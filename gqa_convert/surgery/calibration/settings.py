@@ -3,8 +3,9 @@
 The defaults are the best recipe measured on SmolLM2-135M (docs/results.md): frequency-aware K merge,
 V fitted to each query head's attended moment, joint o_proj solve (ridge chosen per layer),
 sequential calibration, and on a GPU each layer refined toward the decoder block's output (on a CPU
-that refinement is what most of the time would go to, so it is left to --refine-steps, with a warning). The old closed-form merge is `key_merge="complex", value_moment="plain",
-output_ridges=None, sequential=False`.
+that refinement would take most of the time, so it is left to --refine-steps, with a warning). The
+old closed-form merge is `key_merge="complex", value_moment="plain", output_ridges=None,
+sequential=False, refine_steps=0`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class Calibration:
                     f"(--refine-steps {GPU_REFINE_STEPS} runs it here, many times the calibration's time)",
                     stacklevel=3,
                 )
-        return dataclasses.replace(self, device=device, refine_steps=steps, refine_target=self.refine_target or "block")
+        target = self.refine_target or ("block" if steps else None)
+        return dataclasses.replace(self, device=device, refine_steps=steps, refine_target=target)
 
     def torch_device(self) -> str:
         """The device the calibration runs on: auto is cuda when one is visible, else cpu."""
