@@ -24,6 +24,7 @@ import importlib.util
 import json
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -336,7 +337,7 @@ def _replaced(earlier: list[dict], ours: list[dict], key: tuple[str, ...]) -> li
 
 
 def write_results(args: argparse.Namespace, results: dict, started: float, earlier: dict | None = None) -> None:
-    command = "python scripts/ablation.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "scripts/ablation.py", *sys.argv[1:]])
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["date"] = dt.date.today().isoformat()
     results["minutes"] = round((time.time() - started) / 60, 1)

@@ -13,7 +13,8 @@ VARIANT_NOTES = {
     "--no-calib-sequential --refine-steps 0`)",
     "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, V fitted to each "
     "query head's attended moment (alternating solve), joint o_proj solve (its ridge chosen per layer on held-out "
-    "batches), sequential calibration",
+    "batches), sequential calibration; on a CPU, as here, without the refinement a GPU adds by default "
+    "(that is `aligned + refine`)",
     "aligned, head-averaged V": "the same, V fitted to the head-averaged attended moment in one closed form "
     "(`--value-moment attended`)",
     "aligned, not sequential": "the same, each layer calibrated on the source's own inputs (`--no-calib-sequential`)",

@@ -11,9 +11,16 @@ shape and device. Counts what the calibration runs per calibration token and lay
 - the V alternation (float64), an upper bound: VALUE_ROUNDS rounds of CG_STEPS + 1 conjugate-gradient
   products (2 hd d^2 + 2 hd^2 d per query head) and the o blocks' closed form (4 hd d^2 + 4 hd d^2).
 
-Eager attention builds the full T x T scores, so the attention core counts 4 T nh hd per token.
+- the refinement (on by default on a GPU: --refine-steps 100, toward the block's output): per step a
+  forward and backward of the layer over the training three quarters of the tokens (3 forwards' worth:
+  the attention's weight gradients and the input gradients through the MLP), and every 5 steps a
+  forward over the held-out quarter (float32).
 
-    python scripts/aligned_cost.py [--calib-tokens 16384] [--seq-len 512] [--utilization 0.5]
+Eager attention builds the full T x T scores, so the attention core counts 4 T nh hd per token.
+Measured on one H200 for comparison (scripts/gpu_check.sh, calibrate-7b, no refinement): the 7B
+shape took 4.8 s per layer, about 3x this estimate.
+
+    python scripts/aligned_cost.py [--calib-tokens 16384] [--seq-len 512] [--utilization 0.5] [--refine-steps 100]
 """
 
 from __future__ import annotations
@@ -64,20 +71,40 @@ def flops_per_layer(shape: Shape, tokens: int, seq_len: int) -> tuple[float, flo
     return fp32, per_token64 * tokens + DECOMPOSITION * d**3 + alternation
 
 
+def refine_flops_per_layer(shape: Shape, tokens: int, seq_len: int, steps: int) -> float:
+    """float32 flops of `steps` refinement steps of one layer toward its block output."""
+    d, nh, hd = shape.hidden, shape.heads, shape.head_dim
+    attention_params = d * nh * hd * 2 + 2 * d * shape.kv_heads * hd
+    layer = 2 * (attention_params + 3 * d * shape.intermediate) + 4 * seq_len * nh * hd
+    return steps * (3 * layer * 0.75 * tokens + layer * 0.25 * tokens / 5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--utilization", type=float, default=0.5, help="fraction of the peak rates sustained")
+    parser.add_argument("--refine-steps", type=int, default=100, help="refinement steps per layer (0: none)")
     args = parser.parse_args()
     print(f"calibration tokens {args.calib_tokens}, windows of {args.seq_len}, {args.utilization:.0%} of peak")
     for name, shape in SHAPES.items():
         fp32, fp64 = (shape.layers * f for f in flops_per_layer(shape, args.calib_tokens, args.seq_len))
-        times = []
+        refine = shape.layers * refine_flops_per_layer(shape, args.calib_tokens, args.seq_len, args.refine_steps)
+        parts = []
         for device, (peak32, peak64) in DEVICES.items():
             seconds = (fp32 / peak32 + fp64 / peak64) / (args.utilization * 1e12)
-            times.append(f"{device} ~{seconds:.0f} s" if seconds < 120 else f"{device} ~{seconds / 60:.0f} min")
-        print(f"{name}: {fp32 / 1e12:,.1f} TFLOP float32 + {fp64 / 1e12:,.2f} TFLOP float64; " + ", ".join(times))
+            refining = refine / peak32 / (args.utilization * 1e12)
+            parts.append(f"{device} ~{_duration(seconds)} + refinement ~{_duration(refining)}")
+        print(
+            f"{name}: {fp32 / 1e12:,.1f} TFLOP float32 + {fp64 / 1e12:,.2f} TFLOP float64, refinement "
+            f"{refine / 1e12:,.0f} TFLOP float32; " + ", ".join(parts)
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 if __name__ == "__main__":
