@@ -87,7 +87,7 @@ def refine(
     query_dims: dict[str, int],
     steps: int,
     lr: float,
-    target: str = "attention",
+    target: str = "block",
 ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Refine the merged tensors of one layer (names under attention_prefix, query heads in source
     order) toward `target` (a key of TARGETS). Returns the tensors and the held-out error before and after."""

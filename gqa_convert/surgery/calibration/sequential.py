@@ -68,10 +68,6 @@ class LayerCalibration:
     def device(self) -> torch.device:
         return self.moment.device
 
-    def make_attention(self, kv_heads: int) -> Any:
-        """A fresh attention module of this layer with `kv_heads` kv heads (eager, float32, device)."""
-        return getattr(self.make_layer(kv_heads), self.attention_name)
-
 
 # the visitor: merges one layer; returns the attention module's new state (source layout), or None
 LayerVisitor = Callable[[LayerCalibration], dict[str, torch.Tensor] | None]
