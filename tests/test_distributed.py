@@ -164,10 +164,10 @@ def test_fsdp2_sigkill_then_resume_on_two_and_on_one_process(models, fsdp2_run, 
         time.sleep(0.02)
     os.kill(process.pid, signal.SIGKILL)  # kill -9 of the command alone: its launcher and workers follow it
     process.wait()
-    deadline = time.time() + 30  # the death signal goes down launcher -> agent -> workers; a step may end meanwhile
+    deadline = time.time() + 30  # SIGKILL goes down to the launcher and the workers at once; a margin for load
     while processes_of(out) and time.time() < deadline:
         time.sleep(0.1)
-    assert not processes_of(out), "workers outlived the kill"
+    assert not processes_of(out), f"outlived the kill: {[describe(pid) for pid in processes_of(out)]}"
     done = len((out / "metrics.jsonl").read_text().splitlines())
     assert SAVE_EVERY < done < STEPS, "the run must be killed between a checkpoint and its end"
     shutil.copytree(out, tmp_path / "to-one")
@@ -208,6 +208,59 @@ def processes_of(out: Path) -> list[int]:
         except OSError:  # gone meanwhile, or not ours
             continue
     return found
+
+
+def describe(pid: int) -> str:
+    """A process's command line and state, for a failure message."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
+        state = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State")]
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} {state} {command}"
+
+
+WORKER = """
+import sys, time
+from gqa_convert.train.runtime import follow_owner
+follow_owner(0.1)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+OWNER = r"""
+import os, subprocess, sys, time
+from gqa_convert.train.runtime import OWNER_ENV, process_identity
+env = dict(os.environ)
+if sys.argv[1] == "follow":
+    env[OWNER_ENV] = process_identity(os.getpid())
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[2]], env=env, stdout=subprocess.PIPE, start_new_session=True)
+assert worker.stdout.readline() == b"ready\n"
+print(worker.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("mode", ["follow", "control"])
+def test_a_worker_ends_with_its_command_whatever_stands_between(mode):
+    """A worker in a session of its own, without the parent-death signal (as under a launcher slow to exit
+    or a subreaper): once the command that owns it is killed, it ends within a second. The control,
+    without the owner's identity, lives on: the watch is what ends it."""
+    from gqa_convert.train.runtime import process_identity
+
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, mode, WORKER], stdout=subprocess.PIPE, env=ENV)
+    worker = int(owner.stdout.readline())
+    assert process_identity(worker) is not None
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    assert process_identity(owner.pid) is None  # reaped; a zombie counts as ended as well
+    deadline = time.time() + (10 if mode == "follow" else 3)
+    while process_identity(worker) is not None and time.time() < deadline:
+        time.sleep(0.05)
+    alive = process_identity(worker) is not None
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert alive == (mode == "control")
 
 
 def free_port() -> int:

@@ -5,10 +5,8 @@ plan and time one step (dry run). A worker's user error comes back as one line."
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +23,7 @@ from gqa_convert.train.components import micro_batch, open_blocks
 from gqa_convert.train.loop import run_worker
 from gqa_convert.train.modules import CausalLMWithChunkedLoss
 from gqa_convert.train.prepare import WORKER_ENV, prepare
-from gqa_convert.train.runtime import ERROR_ENV, die_with_parent
+from gqa_convert.train.runtime import ERROR_ENV, OWNER_ENV, die_with_parent, process_identity
 from gqa_convert.train.settings import TrainPlan, TrainSettings, resolve_precision
 from gqa_convert.train.strategy import resolve_strategy
 
@@ -69,9 +67,11 @@ def launch(plan: TrainPlan) -> None:
         return
     with tempfile.TemporaryDirectory(prefix="gqa-convert-") as scratch:
         error_file = Path(scratch) / "error"
-        env = {**os.environ, WORKER_ENV: plan.to_json(), ERROR_ENV: str(error_file)}
-        terminate_with_us = functools.partial(die_with_parent, signal.SIGTERM)
-        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, preexec_fn=terminate_with_us)
+        owner = process_identity(os.getpid()) or ""
+        env = {**os.environ, WORKER_ENV: plan.to_json(), ERROR_ENV: str(error_file), OWNER_ENV: owner}
+        # SIGKILL, not a graceful SIGTERM: the launcher has nothing to save (checkpoints are atomic), and its
+        # shutdown waits up to 30 s on workers; they end on their own (die_with_parent, follow_owner)
+        process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, preexec_fn=die_with_parent)
         assert process.stderr is not None
         for line in process.stderr:
             if not error_file.exists():

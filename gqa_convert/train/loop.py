@@ -40,7 +40,15 @@ from gqa_convert.train.losses import Weights
 from gqa_convert.train.parallel import DataParallel, FullyShard
 from gqa_convert.train.prepare import WORKER_ENV
 from gqa_convert.train.progress import TrainProgress
-from gqa_convert.train.runtime import Runtime, check_shared_out, die_with_parent, report_error, start, stop
+from gqa_convert.train.runtime import (
+    Runtime,
+    check_shared_out,
+    die_with_parent,
+    follow_owner,
+    report_error,
+    start,
+    stop,
+)
 from gqa_convert.train.schedule import learning_rate
 from gqa_convert.train.settings import TrainPlan
 
@@ -266,6 +274,7 @@ def run_worker(plan: TrainPlan) -> None:
 def main() -> int:
     """Entry point of a launched worker: a user error goes to the launching process as one line."""
     die_with_parent()
+    follow_owner()
     try:
         run_worker(TrainPlan.from_json(os.environ[WORKER_ENV]))
     except GQAConvertError as error:

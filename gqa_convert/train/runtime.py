@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from gqa_convert.errors import GQAConvertError
 from gqa_convert.train.settings import TrainPlan, resolve_precision
 
 ERROR_ENV = "GQA_CONVERT_WORKER_ERROR"  # a file where a worker leaves its one-line error for the launcher
+OWNER_ENV = "GQA_CONVERT_OWNER"  # process_identity() of the gqa-convert command the workers belong to
 
 
 @dataclass
@@ -130,9 +132,9 @@ def _reads(path: Path, token: str) -> bool:
 
 
 def die_with_parent(signal_number: int = signal.SIGKILL) -> None:
-    """This process gets `signal_number` when its parent dies (Linux). Set in the launcher (SIGTERM: it
-    stops its workers) and in each worker (SIGKILL): killing gqa-convert, even with SIGKILL, stops the
-    whole run, where torch's launcher alone leaves workers, in sessions of their own, training on."""
+    """This process gets `signal_number` when its parent dies (Linux). Set in the launcher and in each
+    worker: killing gqa-convert, even with SIGKILL, stops the whole run, where torch's launcher alone
+    leaves workers, in sessions of their own, training on."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -141,6 +143,38 @@ def die_with_parent(signal_number: int = signal.SIGKILL) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal_number)
     if os.getppid() == 1:  # the parent died before the request took effect
         os._exit(1)
+
+
+def process_identity(pid: int) -> str | None:
+    """`pid:start time` of a running process (Linux), None once it has ended: the start time tells a
+    reused pid apart, and a killed process not yet reaped (a zombie) counts as ended."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return f"{pid}:{fields[19]}"  # field 22 of proc(5): the start time
+
+
+def follow_owner(poll_seconds: float = 0.5) -> None:
+    """End this worker (SIGKILL) within `poll_seconds` of the gqa-convert command that launched it
+    (OWNER_ENV). The parent-death signal alone depends on the launcher between them dying too; a
+    launcher slow to exit, or a worker still starting when it died (orphans may go to a subreaper,
+    not to pid 1), would leave workers training for nobody."""
+    owner = os.environ.get(OWNER_ENV)
+    if not owner:
+        return
+    pid = int(owner.split(":")[0])
+    if process_identity(pid) != owner:
+        os._exit(1)
+
+    def watch() -> None:
+        while process_identity(pid) == owner:
+            time.sleep(poll_seconds)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="gqa-convert-owner", daemon=True).start()
 
 
 def report_error(message: str) -> None:
