@@ -116,13 +116,14 @@ def _statistics(attention: Any, calls: list[AttentionCall], value_moment: str):
         if value_moment != "plain":
             with torch.no_grad():
                 probs = attention(hidden_states=hidden, **kwargs)[1]  # (B, nh, T, T)
-            z = probs @ x[:, None]  # (B, nh, T, d + 1): each head's attended inputs
-            heads = z.shape[1]
+            heads = probs.shape[1]
             if over is None:  # one (d + 1)^2 moment per head, or their average: summed in place
                 shape = (heads, width, width) if value_moment == "per-head" else (width, width)
                 over = torch.zeros(shape, dtype=torch.float64, device=device)
-            for head in range(heads):  # float64 (float32 sums of large activations are not PSD), one at a time
-                rows = z[:, head].reshape(-1, width).double()
+            for head in range(heads):  # one at a time: all heads' at once are GBs for a 70B shape
+                # the head's attended inputs z_m = sum_n a(m, n) x_n; moments summed in float64 (float32
+                # sums of the residual stream's large activations are not PSD)
+                rows = (probs[:, head] @ x).reshape(-1, width).double()
                 if value_moment == "per-head":
                     over[head].addmm_(rows.T, rows)
                 else:
@@ -180,7 +181,7 @@ def run_layers(
             if state is not None:
                 attention.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
             _, student = _attention_calls(layer, attention, _batches(student, kwargs), run_all=True)
-        del layer, attention, calls, blocks
+        del layer, attention, calls, blocks, moment, attended  # before the next layer's: tens of GB at 70B
 
 
 def _batches(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[Batch]:
