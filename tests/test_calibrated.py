@@ -173,6 +173,32 @@ def test_block_refinement_brings_the_layer_outputs_closer_to_the_original(tmp_pa
     assert refined[0] < 0.99 * plain[0] and refined[1] < 0.99 * plain[1], (plain, refined)
 
 
+@pytest.mark.parametrize("name", ["attention", "block"])
+def test_refinement_gradient_accumulated_batch_by_batch_is_the_full_batch_one(name):
+    """One batch's activations in memory at a time, the step of one graph over every batch: against the
+    errors written out (the squared error over the targets' squared norm; the mean over all tokens of each
+    token's squared error relative to its target's)."""
+    from gqa_convert.surgery.calibration.refine import TARGETS, measure
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
+    batches = [(torch.randn(1 + b, 5, 8), {}, torch.randn(1 + b, 5, 8) * (1 + 3 * b)) for b in range(3)]
+    outputs = [module(hidden) for hidden, _, _ in batches]
+    targets = [target for _, _, target in batches]
+    if name == "attention":
+        full = sum((o - t).pow(2).sum() for o, t in zip(outputs, targets)) / sum(t.pow(2).sum() for t in targets)
+    else:
+        full = torch.cat([((o - t).pow(2).sum(-1) / t.pow(2).sum(-1)).flatten() for o, t in zip(outputs, targets)])
+        full = full.mean()
+    full.backward()
+    expected = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    value = measure(module, batches, TARGETS[name], backward=True)
+    assert value == pytest.approx(float(full), rel=1e-6)
+    for found, wanted in zip((p.grad for p in module.parameters()), expected):
+        torch.testing.assert_close(found, wanted, rtol=1e-5, atol=1e-7)
+
+
 def test_refine_target_is_checked_and_warned_about_when_unused():
     with pytest.raises(GQAConvertError, match="refine target 'mlp'"):
         Calibration(data=str(SAMPLE), refine_steps=5, refine_target="mlp")

@@ -185,6 +185,7 @@ class _Pass:
                 k: v.to(layer.device) for k, v in source_kv_norms(self.checkpoint, layer.index, plan).items()
             }
         merged = self.method.merge_layer(attention, layer, plan.groups, plan.readers(), self.calibration)
+        layer.attended = None  # the per-head moments (34 GB for a 70B shape): not needed by the refinement
         dtypes = {name: info.dtype for name, info in self.checkpoint.tensors.items()}
         tensors = attention_tensors(output_layout(merged.attention, plan.groups).to("cpu"), names, dtypes)
         source_layout = merged.attention

@@ -1,5 +1,6 @@
-"""Refinement: fit one layer's merged q/k/v/o by Adam (full batch) on the calibration inputs (the
-student's inputs with sequential calibration), to one of two targets:
+"""Refinement: fit one layer's merged q/k/v/o by Adam (full batch, the gradient accumulated one batch at
+a time) on the calibration inputs (the student's inputs with sequential calibration), to one of two
+targets:
 
 - attention: the original attention module's outputs (relative squared error);
 - block: the original decoder layer's outputs (the residual stream after the layer, MLP included),
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,39 +25,50 @@ from gqa_convert.surgery.calibration.settings import REFINE_TARGETS
 from gqa_convert.surgery.layouts import permute_query_tensor
 from gqa_convert.surgery.plan import HeadPlan
 
-Error = Callable[[Any, Sequence[AttentionCall]], torch.Tensor]
+
+@dataclass(frozen=True)
+class Target:
+    """An error summed over batches and divided by a normaliser that depends on the targets only, so its
+    gradient can be accumulated one batch at a time (one batch's activations in memory)."""
+
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, target) -> the batch's summed error
+    weight: Callable[[torch.Tensor], float]  # target -> the batch's share of the normaliser
 
 
-def _output(module: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    output = module(hidden, **kwargs)
-    return output[0] if isinstance(output, tuple) else output
+def _squared(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (output - target).pow(2).sum()
 
 
-def attention_error(module: Any, batches: Sequence[AttentionCall]) -> torch.Tensor:
-    """Squared error over the batches relative to the targets' squared norm."""
-    total, norm = 0.0, 0.0
-    for hidden, kwargs, target in batches:
-        total = total + (_output(module, hidden, kwargs) - target).pow(2).sum()
-        norm += float(target.pow(2).sum())
-    return total / norm
+def _per_token(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # each token's squared error relative to its target's squared norm: what the next layer's input norm
+    # sees (a token with massive activations does not outweigh the others)
+    norms = target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)
+    return ((output - target).pow(2).sum(-1) / norms).sum()
 
 
-def block_error(module: Any, batches: Sequence[AttentionCall]) -> torch.Tensor:
-    """Mean over tokens of each token's squared error relative to its target's squared norm: what the
-    next layer's input norm sees (a token with massive activations does not outweigh the others)."""
-    total, count = 0.0, 0
-    for hidden, kwargs, target in batches:
-        error = (_output(module, hidden, kwargs) - target).pow(2).sum(-1)
-        total = total + (error / target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)).sum()
-        count += error.numel()
-    return total / count
-
-
-TARGETS: dict[str, Error] = {"attention": attention_error, "block": block_error}
+TARGETS: dict[str, Target] = {
+    # the attention's output: squared error relative to the targets' squared norm
+    "attention": Target(_squared, lambda target: float(target.pow(2).sum())),
+    # the decoder layer's output: the mean over tokens of the per-token relative error
+    "block": Target(_per_token, lambda target: float(target[..., 0].numel())),
+}
 assert tuple(TARGETS) == REFINE_TARGETS
 
 
-def _fit(module: Any, attention: Any, trained: set[str], error: Error, train, check, steps: int, lr: float):
+def measure(module: Any, batches: Sequence[AttentionCall], target: Target, backward: bool = False) -> float:
+    """The error of `module` over the batches; with `backward`, its gradient accumulated batch by batch."""
+    normaliser = sum(target.weight(expected) for _, _, expected in batches)
+    total = 0.0
+    for hidden, kwargs, expected in batches:
+        output = module(hidden, **kwargs)
+        term = target.error(output[0] if isinstance(output, tuple) else output, expected) / normaliser
+        if backward:
+            term.backward()
+        total += float(term)
+    return total
+
+
+def _fit(module: Any, attention: Any, trained: set[str], target: Target, train, check, steps: int, lr: float):
     """Adam on the attention's parameters named in `trained`; returns the held-out error before, the
     best, and the attention's state at the best held-out step (checked every 5 steps and at the last)."""
     for parameter in module.parameters():
@@ -65,15 +78,15 @@ def _fit(module: Any, attention: Any, trained: set[str], error: Error, train, ch
         parameter.requires_grad_(True)
     optimizer = torch.optim.Adam(parameters, lr=lr)
     with torch.no_grad():
-        before = best = float(error(module, check))
+        before = best = measure(module, check, target)
     best_state = {k: v.detach().clone() for k, v in attention.state_dict().items()}
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        error(module, train).backward()
+        measure(module, train, target, backward=True)
         optimizer.step()
         if step % 5 == 4 or step == steps - 1:
             with torch.no_grad():
-                now = float(error(module, check))
+                now = measure(module, check, target)
             if now < best:
                 best, best_state = now, {k: v.detach().clone() for k, v in attention.state_dict().items()}
     return before, best, best_state

@@ -158,17 +158,13 @@ def run_layers(
             calls = [(x, rest, target) for (x, rest, _), (_, _, target) in zip(student_calls, teacher_calls)]
         else:
             calls = teacher_calls
-        moment, mean, tokens, attended = _statistics(attention, calls, calibration.value_moment)
         state = visit(
             LayerCalibration(
                 index,
                 attention,
                 calls,
                 blocks,
-                moment,
-                mean,
-                tokens,
-                attended,
+                *_statistics(attention, calls, calibration.value_moment),  # moment, mean, tokens, attended
                 rotary_pairs(hd, rotary, arch.rotary_interleaved),
                 rotary,
                 key_norm,
@@ -181,7 +177,7 @@ def run_layers(
             if state is not None:
                 attention.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
             _, student = _attention_calls(layer, attention, _batches(student, kwargs), run_all=True)
-        del layer, attention, calls, blocks, moment, attended  # before the next layer's: tens of GB at 70B
+        del layer, attention, calls, blocks
 
 
 def _batches(hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[Batch]:
