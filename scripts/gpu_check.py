@@ -19,8 +19,9 @@ GPU, in about 8 minutes on an H100, with one JSON report. Steps are independent:
              Llama-2-70B shape (GQA-8, LAYERS_70B of its 80 layers) -> MQA: `pool --method aligned`
              (the default recipe without refinement, CALIB_TOKENS tokens of CALIB): its seconds per
              layer (from its log) and so the full depth's calibration time; the wall time of both pools
-             and of `pool --method mean` of the same model (reading and writing alone). Random weights
-             cost the FLOP trained ones do
+             and of `pool --method mean` of the same model (reading and writing alone); then with
+             REFINE_LARGE refinement steps: a step's seconds per layer, so the default 100 steps' time
+             at full depth. Random weights cost the FLOP trained ones do
 
 Environment: DATA (training text; default tests/data/calibration.txt, 12k tokens, so the curve runs many
 epochs: give a large corpus for a meaningful one), HELDOUT (default tests/data/heldout.txt), BUDGET_S
@@ -29,8 +30,8 @@ ONLY (steps to run, comma-separated; default all), SEQ_LEN (512), MICRO_BATCH (8
 (bf16), MERGE (aligned); for refine and calibrate-*: CALIB (calibration text, default
 tests/data/calibration.txt), CALIB_TOKENS (16384), OOD (default tests/data/technical.txt), EVAL_TOKENS
 (16384), REFINE (none,block:100: what fits the step's 330 s on an H200; attention:100 adds the other
-target), LAYERS_7B (8), LAYERS_70B (2), TOKENIZER (a folder: the random models' tokenizer; default the
-source's).
+target), LAYERS_7B (8), LAYERS_70B (2), REFINE_LARGE (5), TOKENIZER (a folder: the random models'
+tokenizer; default the source's).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ OOD = os.environ.get("OOD", str(ROOT / "tests" / "data" / "technical.txt"))
 EVAL_TOKENS = int(os.environ.get("EVAL_TOKENS", "16384"))
 REFINE = os.environ.get("REFINE", "none,block:100")
 LAYERS_7B, LAYERS_70B = int(os.environ.get("LAYERS_7B", "8")), int(os.environ.get("LAYERS_70B", "2"))
+REFINE_LARGE = int(os.environ.get("REFINE_LARGE", "5"))  # refinement steps timed on those shapes (0: none)
 REPORT: dict = {"work": str(WORK), "data": DATA, "heldout": HELDOUT, "steps": {}}
 LOGS: list[str] = []  # the commands run, in order: logs/NN.log is the output of command NN
 
@@ -265,9 +267,15 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 
-def calibrate_large(shape: dict, layers: int, target_kv: int, limit: float) -> dict:
+def _layer_seconds(log: str) -> list[float]:
+    return [float(seconds) for seconds in re.findall(r"layer \d+ \(([\d.]+) s\)", log)]
+
+
+def calibrate_large(name: str, shape: dict, layers: int, target_kv: int, limit: float) -> dict:
     """The aligned merge of a random model of this shape cut to `layers` layers: the seconds per layer
-    (the pool's log), so the full depth's calibration time; a mean pool of it for reading and writing."""
+    (the pool's log), so the full depth's calibration time; a mean pool of it for reading and writing;
+    then the merge with REFINE_LARGE refinement steps, whose extra seconds per layer give a step's cost
+    and so the default 100 steps' at full depth. Finished parts stay in the report if time runs out."""
     started, source = time.monotonic(), WORK / "large-source"
     shutil.rmtree(source, ignore_errors=True)
     cut = {**shape, "num_hidden_layers": layers}
@@ -277,22 +285,30 @@ def calibrate_large(shape: dict, layers: int, target_kv: int, limit: float) -> d
     )
     result: dict = {"shape": shape, "layers_run": layers, "target_kv": target_kv, "parameters_run": parameters}
     result.update(calib_tokens=CALIB_TOKENS, build_s=round(time.monotonic() - started, 1))
-    for method in ("mean", "aligned"):
-        # the calibration alone: the refinement a GPU adds by default is not timed here
-        extra = (
-            ["--calib-data", CALIB, "--calib-tokens", CALIB_TOKENS, "--refine-steps", 0] if method == "aligned" else []
-        )
+    calibrate = ["--calib-data", CALIB, "--calib-tokens", CALIB_TOKENS]
+    runs = {"mean": [], "aligned": [*calibrate, "--refine-steps", 0]}  # the calibration alone, then its refinement
+    if REFINE_LARGE:
+        runs["refined"] = [*calibrate, "--refine-steps", REFINE_LARGE]
+    for run, extra in runs.items():
+        method = "mean" if run == "mean" else "aligned"
         tic, out, memory = time.monotonic(), WORK / "large-out", GPUMemory()
         log = gqa("pool", source, "-o", out, "--kv-heads", target_kv, "--method", method, "--force", *extra,
                   limit=limit - (time.monotonic() - started))  # fmt: skip
-        result[f"{method}_s"] = round(time.monotonic() - tic, 1)
-        result[f"{method}_peak_gpu_mib"] = memory.peak()
+        result[f"{run}_s"] = round(time.monotonic() - tic, 1)
+        result[f"{run}_peak_gpu_mib"] = memory.peak()
         shutil.rmtree(out, ignore_errors=True)
-    seconds = [float(s) for s in re.findall(r"layer \d+ \(([\d.]+) s\)", log)]
-    if len(seconds) > 1:  # the first layer's time includes the embedding pass and the setup
-        per_layer = statistics.median(seconds[1:])
-        result.update(first_layer_s=seconds[0], per_layer_s=round(per_layer, 2))
-        result["calibration_full_depth_s"] = round(seconds[0] + per_layer * (shape["num_hidden_layers"] - 1), 1)
+        seconds = _layer_seconds(log)
+        if run != "mean" and len(seconds) > 1:  # the first layer's time includes the embedding pass and the setup
+            per_layer = statistics.median(seconds[1:])
+            result[f"{run}_first_layer_s"], result[f"{run}_per_layer_s"] = seconds[0], round(per_layer, 2)
+        if run == "aligned" and "aligned_per_layer_s" in result:
+            full = result["aligned_first_layer_s"] + result["aligned_per_layer_s"] * (shape["num_hidden_layers"] - 1)
+            result["calibration_full_depth_s"] = round(full, 1)
+        if run == "refined" and "refined_per_layer_s" in result and "aligned_per_layer_s" in result:
+            step = (result["refined_per_layer_s"] - result["aligned_per_layer_s"]) / REFINE_LARGE
+            result.update(refine_step_per_layer_s=round(step, 3))
+            result["refine_100_steps_full_depth_s"] = round(step * 100 * shape["num_hidden_layers"], 1)
+        REPORT["steps"][name] = {"partial": dict(result)}
     shutil.rmtree(source, ignore_errors=True)
     return result
 
@@ -312,8 +328,8 @@ def main() -> None:
     run_step("environment", 60, lambda limit: {"versions": sh(sys.executable, "-c", VERSIONS, limit=limit).strip()})
     run_step("convert", 180, convert)  # the aligned merge refines on a GPU by default
     run_step("refine", 330, refine)
-    run_step("calibrate-7b", 240, functools.partial(calibrate_large, SHAPE_7B, LAYERS_7B, 8))
-    run_step("calibrate-70b", 150, functools.partial(calibrate_large, SHAPE_70B, LAYERS_70B, 1))
+    run_step("calibrate-7b", 300, functools.partial(calibrate_large, "calibrate-7b", SHAPE_7B, LAYERS_7B, 8))
+    run_step("calibrate-70b", 240, functools.partial(calibrate_large, "calibrate-70b", SHAPE_70B, LAYERS_70B, 1))
     for strategy, limit in (("ddp", 80), ("fsdp2", 80), ("deepspeed", 110)):
         run_step(strategy, limit, functools.partial(strategy_check, strategy))
     run_step("curve", left() - BENCH_S, curve)  # what is left, but the bench's share
