@@ -19,23 +19,18 @@ from gqa_convert.arch import architecture_for, check_seq_len, kv_heads_of
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EVAL_DTYPES, compute_dtype
 from gqa_convert.io.sources import check_model_folder
+from gqa_convert.options import Options, option
 from gqa_convert.units import human_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
-class BenchOptions:
-    seq_len: int = 2048  # tokens per sequence before decoding (the context the cache holds)
-    batch: int = 1
-    new_tokens: int = 32  # tokens decoded per sequence
-    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
-    device: str | None = None  # default: cuda when available, else cpu
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 1 or self.batch < 1 or self.new_tokens < 1:
-            raise GQAConvertError("--seq-len, --batch and --new-tokens must be at least 1")
-        if self.dtype not in EVAL_DTYPES:
-            raise GQAConvertError(f"--dtype must be one of: {', '.join(EVAL_DTYPES)}")
+class BenchOptions(Options):
+    seq_len: int = option(2048, help="tokens per sequence before decoding (the context the cache holds)", min=1)
+    batch: int = option(1, help="sequences decoded together", min=1)
+    new_tokens: int = option(32, help="tokens decoded per sequence", min=1)
+    dtype: str = option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU", choices=EVAL_DTYPES)
+    device: str | None = option(None, help="default: cuda when available, else cpu", cli=False)
+    seed: int = option(0, help="seed of the prompt tokens", cli=False)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import torch
 
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
-from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm, load_tokenizer, model_config
+from gqa_convert.options import Options, option
 
 IGNORE_INDEX = -100  # labels that no loss counts
 
@@ -64,23 +64,13 @@ EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalOptions:
-    seq_len: int = 2048  # window length
-    max_tokens: int | None = None  # use only the first N tokens
-    text_column: str = "text"
-    batch_size: int = 4  # windows per forward
-    device: str | None = None  # default: cuda when available, else cpu
-    dtype: str = "auto"  # auto: the checkpoint's dtype on a GPU, float32 on a CPU
-
-    def __post_init__(self) -> None:
-        if self.seq_len < 2:
-            raise GQAConvertError("--seq-len must be at least 2")
-        if self.batch_size < 1:
-            raise GQAConvertError("--batch-size must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise GQAConvertError("--max-tokens must be at least 2")
-        if self.dtype not in EVAL_DTYPES:
-            raise GQAConvertError(f"--dtype must be one of: {', '.join(EVAL_DTYPES)}")
+class EvalOptions(Options):
+    seq_len: int = option(2048, help="window length", min=2)
+    max_tokens: int | None = option(None, help="use only the first N tokens", min=2)
+    text_column: str = option("text", help="text column of table data")
+    batch_size: int = option(4, help="windows per forward", min=1)
+    device: str | None = option(None, help="default: cuda when available, else cpu", cli=False)
+    dtype: str = option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU", choices=EVAL_DTYPES)
 
 
 def compute_dtype(setting: str, config: Any, device: str) -> torch.dtype:

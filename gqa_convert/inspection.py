@@ -17,28 +17,24 @@ from gqa_convert.arch import (
     kv_heads_of,
     valid_kv_heads,
 )
-from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.gguf import is_gguf
 from gqa_convert.io.gguf_header import gguf_metadata
 from gqa_convert.io.sources import open_checkpoint
+from gqa_convert.options import Options, option
 from gqa_convert.units import human_bytes
 
 CACHE_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
 
 @dataclass(frozen=True, kw_only=True)
-class InspectOptions:
-    seq_len: int = 4096  # sequence length for the KV-cache totals
-    batch: int = 1  # batch size for the KV-cache totals
-    cache_dtype: str = "auto"  # auto: the checkpoint's dtype
-    revision: str | None = None
-    allow_pickle: bool = False
-
-    def __post_init__(self) -> None:
-        if self.seq_len <= 0 or self.batch <= 0:
-            raise GQAConvertError("--seq-len and --batch must be positive")
-        if self.cache_dtype != "auto" and self.cache_dtype not in CACHE_DTYPES:
-            raise GQAConvertError(f"--cache-dtype {self.cache_dtype}: choose auto or one of {', '.join(CACHE_DTYPES)}")
+class InspectOptions(Options):
+    seq_len: int = option(4096, help="sequence length for the KV-cache totals", min=1)
+    batch: int = option(1, help="batch size for the KV-cache totals", min=1)
+    cache_dtype: str = option(
+        "auto", help="dtype of the cache (auto: the checkpoint's)", choices=("auto", *CACHE_DTYPES)
+    )
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit) of a Hub id")
+    allow_pickle: bool = option(False, help="read .bin (pickle) weights, with torch.load(weights_only=True)")
 
 
 def _gguf_summary(path: Path) -> tuple[Any, Any, int, str]:

@@ -14,18 +14,15 @@ DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count."""
-    cleaned = text.strip().upper().replace(" ", "")
-    for unit in sorted(_BYTE_UNITS, key=len, reverse=True):
-        if cleaned.endswith(unit):
-            number = cleaned[: -len(unit)]
-            try:
-                return int(float(number) * _BYTE_UNITS[unit])
-            except ValueError:
-                break
-    if cleaned.isdigit():
-        return int(cleaned)
-    raise GQAConvertError(f"size '{text}' is not understood: write e.g. 5GB, 500MB or 2GiB")
+    """'5GB', '500MB', '2GiB' or a plain byte count: a positive whole number of bytes."""
+    cleaned = str(text).strip().upper().replace(" ", "")
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)(" + "|".join(_BYTE_UNITS) + r"|B)?", cleaned)
+    if not match:
+        raise GQAConvertError(f"size '{text}' is not understood: write e.g. 5GB, 500MB or 2GiB")
+    size = int(float(match.group(1)) * _BYTE_UNITS.get(match.group(2) or "B", 1))
+    if size < 1:
+        raise GQAConvertError(f"size '{text}' is less than one byte: write e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 def parse_tokens(text: str | int) -> int:

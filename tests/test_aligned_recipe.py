@@ -12,7 +12,6 @@ import math
 import pytest
 import torch
 import transformers
-from test_calibrated import PLAIN, SAMPLE, build
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import open_checkpoint
@@ -21,7 +20,8 @@ from gqa_convert.surgery.calibration.sequential import run_layers
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import Calibration, PoolOptions
 
-from test_bad_input import fails, runner
+from helpers import PLAIN, SAMPLE, fails, runner
+from helpers import build_calibratable as build
 from tiny_models import load, logits
 
 TECHNICAL = SAMPLE.parent / "technical.txt"

@@ -5,7 +5,6 @@ keeps the function, and bad calibration input is refused."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +14,11 @@ from gqa_convert.errors import GQAConvertError
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import Calibration, PoolOptions
 
-from test_bad_input import fails
-from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
+from helpers import PLAIN, SAMPLE, fails
+from helpers import build_calibratable as build
+from tiny_models import load, logits, save_tiny_tokenizer
 
-SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)  # the defaults: the full recipe
-# the closed-form merge before the frequency-aware K, attended V, o_proj solve and sequential calibration
-PLAIN = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
-
-
-def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:
-    """A tiny model with a tokenizer (calibration needs one) and weights at std 0.1."""
-    tokenizer = save_tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.1)
-    model.save_pretrained(folder)
-    return model
 
 
 ARCHITECTURES = ["llama", "qwen2", "phi", "stablelm", "olmo2", "qwen3", "gemma2", "mistral"]

@@ -16,7 +16,7 @@ from gqa_convert.errors import GQAConvertError
 from gqa_convert.train.budget import known_pretraining_tokens, resolve_budget
 from gqa_convert.units import parse_tokens
 
-from test_bad_input import fails
+from helpers import fails
 from tiny_models import build_trainable
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -179,5 +179,5 @@ def test_eval_dtype_auto_and_explicit(model_dir, tmp_path):
     assert bf16["perplexity"] == pytest.approx(auto["perplexity"], rel=0.05)
     from gqa_convert.evaluate import EvalOptions
 
-    with pytest.raises(GQAConvertError, match="--dtype must be one of"):
+    with pytest.raises(GQAConvertError, match="--dtype 'int8' is not known"):
         EvalOptions(dtype="int8")

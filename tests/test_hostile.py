@@ -15,7 +15,6 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,55 +23,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import THIS_HOST, check_output_folder
+from gqa_convert.io.output import THIS_HOST, guard_output
 from gqa_convert.io.safetensors_format import read_safetensors_header
 from gqa_convert.io.sources import open_checkpoint
 
-from test_bad_input import fails
+from helpers import SAMPLE, cli, fails, refused, runner, snapshot
 from tiny_models import TINY, build_tiny, build_trainable, load, logits
-
-runner = CliRunner()
-SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 
 
 @pytest.fixture
 def src(tmp_path) -> Path:
     build_tiny(tmp_path / "src", "llama")  # 4 heads, 2 kv heads, untied lm_head
     return tmp_path / "src"
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry of a folder: file contents by hash, links by target, other kinds by type."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            state[key] = "link:" + os.readlink(path)
-        elif path.is_file() and not path.is_fifo():
-            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            state[key] = "dir" if path.is_dir() else "special"
-    return state
-
-
-def refused(args: list, *expected: str, out: Path | None = None, source: Path | None = None) -> str:
-    """One line, exit 2, OUT not created, the source exactly as it was."""
-    before = snapshot(source) if source is not None else None
-    message = fails(args, *expected)
-    if out is not None:
-        assert not out.exists(), f"{out} was written"
-        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "work files left"
-    if source is not None:
-        assert snapshot(source) == before, "the source changed"
-    return message
-
-
-def cli(*args: object) -> list[str]:
-    return [sys.executable, "-m", "gqa_convert.cli", *map(str, args)]
 
 
 def rewrite(file: Path, drop: str | None = None, add: dict[str, torch.Tensor] | None = None) -> None:
@@ -477,6 +442,7 @@ def test_an_unwritable_output_is_one_line(tmp_path):
     locked.mkdir()
     run.mkdir()
     (run / "metrics.jsonl").write_text("")
+    (run / "checkpoints").mkdir()
     uptrain = ["--data", SAMPLE, "--tokens", 256, "--seq-len", 32]
     cases = [
         (["pool", tmp_path / "model", "-o", locked / "out", "-g", 1], f"cannot write in {locked}"),
@@ -493,7 +459,10 @@ def test_an_unwritable_output_is_one_line(tmp_path):
             assert result.returncode == 2, result.stderr
             assert result.stderr.strip().startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
             assert expected in result.stderr, result.stderr
-        assert snapshot(locked) == {} and snapshot(run) == {"metrics.jsonl": hashlib.sha256(b"").hexdigest()}
+        assert snapshot(locked) == {} and snapshot(run) == {
+            "metrics.jsonl": hashlib.sha256(b"").hexdigest(),
+            "checkpoints": "dir",
+        }
     finally:
         for folder in (locked, run):
             folder.chmod(0o755)
@@ -502,9 +471,9 @@ def test_an_unwritable_output_is_one_line(tmp_path):
 def test_an_output_beside_a_gguf_file_is_not_inside_it(tmp_path):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))  # not a real GGUF: only its place matters here
-    check_output_folder(tmp_path / "out", gguf, force=False)  # beside the file: allowed
-    with pytest.raises(GQAConvertError, match="is the source file"):
-        check_output_folder(gguf, gguf, force=False)
+    guard_output(tmp_path / "out", inputs=[gguf])  # beside the file: allowed
+    with pytest.raises(GQAConvertError, match="is the input"):
+        guard_output(gguf, inputs=[gguf])
     message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "could not be read as GGUF")
     assert "inside the source" not in message
 
@@ -531,7 +500,7 @@ def test_a_malformed_jsonl_line_is_one_line_naming_the_file(trainable, tmp_path)
 def test_a_negative_learning_rate_writes_nothing(trainable, tmp_path):
     out = tmp_path / "out"
     args = ["uptrain", trainable, "-o", out, "--data", SAMPLE, "--seq-len", 32, "--tokens", 256]
-    refused([*args, "--lr", -1], "--lr must be positive", out=out, source=trainable)
+    refused([*args, "--lr", -1], "--lr must be greater than 0", out=out, source=trainable)
     result = runner.invoke(app, [*map(str, args), "--dry-run"])  # the next run is not told to --resume
     assert result.exit_code == 0, result.output
 

@@ -112,7 +112,7 @@ def test_library_callers_get_the_cli_checks(tmp_path):
         PoolOptions(
             kv_heads=1, method="mean", calibration=Calibration(data=str(tmp_path / "c.txt"), refine_target="block")
         )
-    with pytest.raises(GQAConvertError, match="choose auto or one of"):
+    with pytest.raises(GQAConvertError, match="choose one of auto"):
         InspectOptions(cache_dtype="bad")
     with pytest.raises(GQAConvertError, match="unknown method 'median'"):
         PoolOptions(kv_heads=1, method="median")

@@ -26,7 +26,7 @@ from gqa_convert.io.writer import ShardedWriter
 from gqa_convert.train.launch import uptrain
 from gqa_convert.train.settings import TrainSettings
 
-from test_bad_input import fails
+from helpers import fails
 from tiny_models import build_trainable
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"

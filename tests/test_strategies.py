@@ -16,7 +16,7 @@ from gqa_convert.train.launch import launch_command
 from gqa_convert.train.settings import TrainPlan, TrainSettings
 from gqa_convert.train.strategy import resolve_strategy
 
-from test_bad_input import fails
+from helpers import fails
 from tiny_models import build_trainable
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

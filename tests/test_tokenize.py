@@ -197,7 +197,7 @@ def test_reruns_outputs_and_bad_input(tokenizer_dir, tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("some text")
-    with pytest.raises(GQAConvertError, match="inside the data folder"):
+    with pytest.raises(GQAConvertError, match="inside the input folder"):
         tokenize(str(folder), folder / "tokens", options(tokenizer_dir))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "late.raw", "out", "rows.jsonl", "texts"]
     assert [p.name for p in folder.iterdir()] == ["a.txt"]

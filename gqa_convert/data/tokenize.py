@@ -42,8 +42,10 @@ from gqa_convert.data.units import (
 )
 from gqa_convert.data.worker import ShardJob, finished_record
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import check_output_folder
+from gqa_convert.io.output import guard_output
 from gqa_convert.io.sources import load_tokenizer
+from gqa_convert.options import Options, option
+from gqa_convert.units import parse_tokens
 
 JOB_FILE = "job.json"
 # texts on which the bare fast tokenizer must give the ids transformers gives (no Python-side steps)
@@ -56,28 +58,24 @@ _PROBES = (
 
 
 @dataclass(frozen=True, kw_only=True)
-class TokenizeOptions:
+class TokenizeOptions(Options):
     """What `gqa-convert tokenize` takes besides DATA and OUT; checked when built."""
 
-    tokenizer: str  # a model folder or .gguf file whose tokenizer is used
-    num_proc: int | None = None  # worker processes; default: every core
-    text_column: str = "text"
-    data_config: str | None = None
-    split: str = "train"
-    max_tokens: int | None = None  # stop once the units, in order, hold this many tokens
-    unit_bytes: int | None = None  # size of a work unit; default: from the corpus size
-    force: bool = False
-    progress: bool = True
+    tokenizer: str = option(help="a model folder or .gguf file whose tokenizer to use")
+    num_proc: int | None = option(None, help="worker processes (default: every core)", min=1)
+    text_column: str = option("text", help="text column of table data")
+    data_config: str | None = option(None, help="Hub dataset configuration")
+    split: str = option("train", help="Hub dataset split")
+    max_tokens: int | None = option(
+        None, help="stop once the units, in order, hold this many tokens (e.g. 2B)", parse=parse_tokens, min=1
+    )
+    unit_bytes: int | None = option(None, help="size of a work unit (default: from the corpus size)", cli=False, min=1)
+    force: bool = option(False, help="replace a non-empty OUT, or restart an unfinished run of another job")
+    progress: bool = option(True, help="show progress on stderr", cli=False)
 
-    def __post_init__(self) -> None:
-        if self.num_proc is not None and self.num_proc < 1:
-            raise GQAConvertError("--num-proc must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise GQAConvertError("--max-tokens must be at least 1")
-        if self.unit_bytes is not None and (self.unit_bytes < 1 or self.unit_bytes % PIECE_BYTES):
+    def check(self) -> None:
+        if self.unit_bytes is not None and self.unit_bytes % PIECE_BYTES:
             raise GQAConvertError(f"unit_bytes must be a positive multiple of {PIECE_BYTES}")
-        if not self.text_column:
-            raise GQAConvertError("--text-column must not be empty")
 
     @property
     def columns(self) -> Columns:
@@ -218,11 +216,8 @@ def write_token_folder(
     return {**manifest, "seconds": round(time.perf_counter() - started, 3), "resumed_units": resumed}
 
 
-def _check_paths(data: str, out: Path, force: bool) -> None:
-    data_path = Path(data).resolve()
-    if data_path.is_dir() and (out == data_path or data_path in out.parents):
-        raise GQAConvertError(f"output {out} is inside the data folder {data_path}: choose a folder outside it")
-    check_output_folder(out, None, force)
+def _check_paths(data: str, out: Path, options: TokenizeOptions) -> None:
+    guard_output(out, inputs=[data, options.tokenizer], force=options.force)
 
 
 def tokenize(data: str, out: str | Path, options: TokenizeOptions) -> dict[str, Any]:
@@ -235,5 +230,5 @@ def tokenize(data: str, out: str | Path, options: TokenizeOptions) -> dict[str, 
     manifest = finished_manifest(out, job)
     if manifest is not None:
         return manifest
-    _check_paths(data, out, options.force)
+    _check_paths(data, out, options)
     return write_token_folder(data, out, info, options, job)

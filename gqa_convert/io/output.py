@@ -9,6 +9,7 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import fnmatch
 import json
 import os
 import re
@@ -16,63 +17,91 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gqa_convert.errors import GQAConvertError, is_disk_full, one_line
+from gqa_convert.io.names import OWNED_NAMES, TRAINING_MARKERS
 from gqa_convert.io.provenance import PROVENANCE_FILE
 
-# What an uptraining run writes into OUT before its provenance exists (see gqa_convert.train).
-TRAINING_MARKERS = ("metrics.jsonl", "checkpoints")
 # Work folders beside OUT: .OUT.<kind>-<host>-<pid>-<random>; host and pid tell whether their writer
 # still runs (OUT may be on a file system that several machines share).
 WORK_KINDS = ("tmp", "old", "calib", "data")
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 THIS_HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:64] or "host"
+_LISTED = 5
+# How a command writes OUT: a staged folder renamed onto it (pool, expand, tokenize), in place
+# (uptrain: a new run, its resumption, or a machine of rank > 0 joining the run rank 0 started).
+MODES = ("replace", "train", "resume", "join")
 
 
-def check_output_folder(
+def guard_output(
     out: Path,
-    source: Path | None,
-    force: bool,
     *,
-    resume: bool = False,
-    in_place: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    force: bool = False,
+    mode: str = "replace",
     fix: str = "pass --force to replace it",
 ) -> None:
-    """Refuse an output that would overwrite the source, the current directory or a user's files;
-    nothing is touched. `force` replaces a folder this tool wrote; `resume` writes into a non-empty
-    OUT as it is; `in_place` (uptrain) writes into OUT instead of renaming a staged folder onto it."""
+    """The one check every command that writes runs before any work; nothing is touched.
+
+    - No input (model, data, calibration text, teacher, evaluation data, config file) lies inside OUT,
+      and OUT lies inside no input folder: writing or replacing OUT can never delete or feed an input.
+    - OUT is not the current directory or a folder holding it, nor a file or below one.
+    - A non-empty OUT is replaced (`force`, modes replace and train) only when everything in it is a
+      name this tool writes (OWNED_NAMES) and it carries the tool's marker; else nothing is replaced.
+    - resume: OUT must hold an uptraining run (its checkpoints), not just any model.
+    - join: OUT is rank 0's run; nothing is replaced here.
+    """
+    assert mode in MODES, mode
     out = out.resolve()
-    if source is not None:
-        _check_not_source(out, source.resolve())
-    replaces = not resume and (force or not in_place)
+    for given in inputs:
+        _check_apart(out, given)
     cwd = Path.cwd().resolve()
-    if replaces and (out == cwd or out in cwd.parents):
+    if mode in ("replace", "train") and (out == cwd or out in cwd.parents):
         raise GQAConvertError(f"output {out} is the current directory or holds it: choose a new folder, e.g. -o ./out")
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             raise GQAConvertError(f"output {out}: {folder} exists and is a file; choose a folder path")
-    if out.is_dir() and any(out.iterdir()) and not resume:
+    filled = out.is_dir() and any(out.iterdir())
+    if mode == "resume":
+        if not (out / TRAINING_MARKERS[1]).is_dir():
+            what = "is empty" if not filled else "holds no uptraining run (no checkpoints/)"
+            raise GQAConvertError(
+                f"--resume: output folder {out} {what}: there is nothing to resume; run without --resume"
+            )
+        _check_owned(out, "--resume writes into it")
+    elif mode in ("replace", "train") and filled:
         if not force:
             raise GQAConvertError(f"output folder {out} is not empty: {fix}")
-        if not written_by_tool(out):
-            raise GQAConvertError(
-                f"output folder {out} holds files gqa-convert did not write; --force replaces only an empty folder "
-                "or one this tool wrote: choose a new folder"
-            )
-    _check_writable(out, in_place)
+        _check_owned(out, "--force replaces only an empty folder or one this tool wrote")
+    _check_writable(out, in_place=mode != "replace")
 
 
-def _check_not_source(out: Path, source: Path) -> None:
-    if not source.is_dir():  # a file (.gguf) has no inside: OUT may sit beside it
-        if out == source:
-            raise GQAConvertError(f"output {out} is the source file: choose a folder path")
+def _check_apart(out: Path, given: str | Path | None) -> None:
+    """An input and OUT must not lie inside each other (a file input may sit beside OUT)."""
+    if given is None or not Path(given).exists():  # a Hub id, or a path checked elsewhere
         return
-    if out == source or source in out.parents:
-        raise GQAConvertError(f"output {out} is inside the source {source}: choose a folder outside it")
-    if out in source.parents:
-        raise GQAConvertError(f"output {out} contains the source {source}: choose another folder")
+    path = Path(given).resolve()
+    if out == path:
+        raise GQAConvertError(f"output {out} is the input {given}: choose another output folder")
+    if out in path.parents:
+        raise GQAConvertError(
+            f"input {given} lies inside the output folder {out}, which this command writes or replaces: "
+            "move the input out of it or choose another output folder"
+        )
+    if path.is_dir() and path in out.parents:
+        raise GQAConvertError(f"output {out} is inside the input folder {given}: choose a folder outside it")
+
+
+def _check_owned(out: Path, why: str) -> None:
+    foreign = foreign_entries(out)
+    if foreign or not has_tool_marker(out):
+        shown = ", ".join(foreign[:_LISTED]) + (f" and {len(foreign) - _LISTED} more" if len(foreign) > _LISTED else "")
+        held = f" ({shown})" if foreign else ""
+        raise GQAConvertError(
+            f"output folder {out} holds files gqa-convert did not write{held}; {why}: choose a new folder"
+        )
 
 
 def _check_writable(out: Path, in_place: bool) -> None:
@@ -83,7 +112,16 @@ def _check_writable(out: Path, in_place: bool) -> None:
         raise GQAConvertError(f"cannot write in {out} (permission denied or read-only): choose another folder")
 
 
-def written_by_tool(folder: Path) -> bool:
+def foreign_entries(folder: Path) -> list[str]:
+    """The entries at the top of `folder` that are not names this tool writes (sorted)."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [name for name in names if not any(fnmatch.fnmatchcase(name, pattern) for pattern in OWNED_NAMES)]
+
+
+def has_tool_marker(folder: Path) -> bool:
     """A conversion's output (its provenance names this tool), a token folder, or an uptraining run's folder."""
     with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
         record = json.loads((folder / PROVENANCE_FILE).read_text())
@@ -97,6 +135,11 @@ def written_by_tool(folder: Path) -> bool:
     return data.is_dir() and any(data.iterdir()) and all(_is_token_folder(p) for p in data.iterdir())
 
 
+def written_by_tool(folder: Path) -> bool:
+    """Everything in `folder` is what this tool writes, and it carries the tool's marker."""
+    return has_tool_marker(folder) and not foreign_entries(folder)
+
+
 def _is_token_folder(folder: Path) -> bool:
     """A folder `gqa-convert tokenize` wrote: its manifest says which version wrote it."""
     with contextlib.suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -107,8 +150,8 @@ def _is_token_folder(folder: Path) -> bool:
 
 def clear_output_folder(out: Path) -> None:
     """Remove OUT for --force: only an empty folder or one this tool wrote (checked again here)."""
-    if out.is_dir() and any(out.iterdir()) and not written_by_tool(out):
-        raise GQAConvertError(f"output folder {out} holds files gqa-convert did not write: choose a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        _check_owned(out, "--force replaces only an empty folder or one this tool wrote")
     if out.is_dir():
         shutil.rmtree(out)
 

@@ -14,32 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from gqa_convert.io.names import SIDE_FILES
 from gqa_convert.io.portable import make_tokenizer_portable
 from gqa_convert.io.provenance import PROVENANCE_FILE
 from gqa_convert.io.sources import Checkpoint
 from gqa_convert.io.weight_files import INDEXES
 
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "*.tiktoken",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece*.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "LICENSE*",
-    "LICENCE*",
-    "license*",
-    "NOTICE*",
-    "USE_POLICY*",
-)
 # Written here (config, model card, provenance) or converted (weights, index): not side files.
 _WRITTEN = {"config.json", "README.md", PROVENANCE_FILE, *(index for index, _ in INDEXES)}
 _LISTED = 8

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from gqa_convert.arch import head_dim_of, kv_cache_bytes_per_token, valid_kv_heads, write_kv_heads
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import check_output_folder, output_lock, staged_output, work_folder
+from gqa_convert.io.output import guard_output, output_lock, staged_output, work_folder
 from gqa_convert.io.portable import portable_config
 from gqa_convert.io.provenance import new_record, write_model_card, write_record
 from gqa_convert.io.side_files import copy_side_files, write_config
@@ -87,8 +87,8 @@ def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = 
 @contextlib.contextmanager
 def _opened_for_output(source: str | Path, out: Path, options: ConversionOptions) -> Iterator[Checkpoint]:
     """OUT checked (before any slow work) and held for this run, then the source opened and checked."""
-    local = Path(source) if Path(source).exists() else None
-    check_output_folder(out, local, options.force)
+    calibration = getattr(options, "calibration", None)
+    guard_output(out, inputs=[source, *(calibration.sources if calibration else ())], force=options.force)
     with output_lock(out):
         yield open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
 

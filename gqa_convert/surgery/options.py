@@ -7,6 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.options import Options, option
 from gqa_convert.surgery.calibration.settings import Calibration
 from gqa_convert.surgery.groupings import GROUPINGS, Grouping
 from gqa_convert.surgery.methods import METHODS, Method
@@ -16,18 +17,16 @@ __all__ = ["Calibration", "ConversionOptions", "ExpandOptions", "PoolOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class ConversionOptions:
+class ConversionOptions(Options):
     """How any conversion reads its source and writes its output."""
 
-    dtype: str = "auto"  # output dtype of floating tensors (units.DTYPE_NAMES)
-    max_shard_size: str = "5GB"
-    force: bool = False  # replace a non-empty output folder
-    revision: str | None = None  # Hub revision
-    allow_pickle: bool = False  # read .bin (pickle) weights
+    dtype: str = option("auto", help="output dtype of floating tensors (auto: each tensor's own)", choices=DTYPE_NAMES)
+    max_shard_size: str = option("5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
+    force: bool = option(False, help="replace a non-empty output folder this tool wrote")
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit) of a Hub id")
+    allow_pickle: bool = option(False, help="read .bin (pickle) weights, with torch.load(weights_only=True)")
 
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPE_NAMES:
-            raise GQAConvertError(f"unknown dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_NAMES)}")
+    def check(self) -> None:
         parse_size(self.max_shard_size)
 
     @property
@@ -50,8 +49,8 @@ class PoolOptions(ConversionOptions):
     seed: int = 0  # for method random
     calibration: Calibration | None = None  # needed by calibrated methods and groupings
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         if self.method not in METHODS:
             raise GQAConvertError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if self.grouping not in GROUPINGS:

@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from gqa_convert.data.manifest import read_manifest
-from gqa_convert.errors import GQAConvertError
+from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.train.settings import TrainPlan
 
 COMPLETE = "COMPLETE"
@@ -83,7 +85,7 @@ def save_checkpoint(strategy: Any, out: Path, state: TrainerState, plan: TrainPl
     try:
         strategy.save_state(folder)
         if strategy.checkpoint_format == "dcp":
-            torch.save(_rng_state(), folder / f"rng-rank{dist.get_rank()}.pt")
+            save_rng_state(folder / f"rng-rank{dist.get_rank()}.safetensors")
         dist.barrier()
         if main:
             trainer_state = {**state.state_dict(), "run": run_identity(plan)}
@@ -103,21 +105,46 @@ def load_checkpoint(strategy: Any, folder: Path, world: int) -> TrainerState:
     saved = json.loads((folder / TRAINER_STATE).read_text())
     strategy.load_state(folder)
     if strategy.checkpoint_format == "dcp" and saved["run"]["world"] == world:
-        _set_rng_state(torch.load(folder / f"rng-rank{dist.get_rank()}.pt", weights_only=False))
+        load_rng_state(folder / f"rng-rank{dist.get_rank()}.safetensors")
     return TrainerState(step=saved["step"], tokens=saved["tokens"])
 
 
-def _rng_state() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(), "cuda": cuda}
+def save_rng_state(path: Path) -> None:
+    """Every random generator's state, without pickle: the generators' byte and word states as tensors
+    in safetensors, Python's and NumPy's scalars as JSON in its metadata."""
+    kind, words, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_words, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(words.astype(np.int64))}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {
+        "numpy": [kind, int(position), int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(python_words), gauss_next],
+    }
+    save_file(tensors, str(path), metadata={"scalars": json.dumps(scalars)})
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def load_rng_state(path: Path) -> None:
+    """Restore what save_rng_state wrote; a file of another shape is a damaged checkpoint."""
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            scalars = json.loads(handle.metadata()["scalars"])
+        kind, position, has_gauss, cached_gaussian = scalars["numpy"]
+        version, python_words, gauss_next = scalars["python"]
+        numpy_state = (kind, tensors["numpy"].numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
+        python_state = (version, tuple(python_words), gauss_next)
+        torch.set_rng_state(tensors["torch"])
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as error:
+        raise GQAConvertError(
+            f"checkpoint {path.parent} is damaged (random generator state {path.name}: {one_line(error)}): "
+            "resume from an earlier checkpoint or start afresh with --force"
+        ) from None
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors)) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 # ---- COMPLETE: sizes and checksums ----

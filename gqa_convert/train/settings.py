@@ -16,8 +16,10 @@ from gqa_convert.arch import check_seq_len
 from gqa_convert.data.manifest import is_token_folder, read_manifest
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import check_output_folder
+from gqa_convert.io.output import guard_output
 from gqa_convert.io.sources import check_model_folder, model_config
+from gqa_convert.options import Options, option
+from gqa_convert.units import parse_tokens
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRAINABLE = ("all", "attention")
@@ -26,81 +28,81 @@ STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed")  # see train.strategy
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSettings:
-    """Everything `gqa-convert uptrain` takes; defaults are the CLI's."""
+class TrainSettings(Options):
+    """Everything `gqa-convert uptrain` takes, each option declared once (the CLI is generated from it)."""
 
-    model: str
-    out: str
-    data: str
-    tokens: str | None = None
-    fraction: float = 0.05
-    original_tokens: str | None = None
-    text_column: str = "text"
-    data_config: str | None = None
-    split: str = "train"
-    seq_len: int = 2048
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    global_batch_tokens: int | None = None
-    lr: float = 5e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None  # default: 2% of the steps, at least 1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"
-    gradient_checkpointing: bool = False
-    trainable: str = "all"
-    seed: int = 0
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    force: bool = False
-    report_to: str = "none"
-    eval_data: str | None = None
-    eval_every: int = 0
-    eval_tokens: int = 65536
-    num_processes: int | None = None  # default: every visible GPU, or 1
-    num_machines: int = 1
-    machine_rank: int = 0
-    main_process_ip: str | None = None
-    main_process_port: int | None = None  # default: the YAML's, else 29500
-    accelerate_config: str | None = None
-    strategy: str = "auto"  # auto: the YAML's sharding if any, else ddp
-    dry_run: bool = False
-    timeout_minutes: float = 60.0  # waits on other processes: rank 0's tokenization, rendezvous, collectives
-    teacher: str | None = None  # distil from this model's logits (the unconverted source)
-    distill_weight: float = 0.5  # loss = (1 - w) LM + w T^2 KL(teacher || student)
-    distill_temperature: float = 1.0
+    model: str = option(help="a transformers folder (e.g. the output of pool)", argument=True)
+    out: str = option(help="output folder: final model, metrics.jsonl, checkpoints/", flags=("--out", "-o"))
+    data: str = option(
+        help="a token folder (gqa-convert tokenize), a text file (any name; UTF-8), a .jsonl/.json/.parquet/.csv/"
+        ".arrow table, a folder of them, or a Hub dataset id"
+    )
+    tokens: int | None = option(
+        None, help="token budget, e.g. 50M or 2B (overrides --fraction)", parse=parse_tokens, min=1, metavar="N"
+    )
+    fraction: float = option(0.05, help="budget as a fraction of the original pre-training tokens", above=0)
+    original_tokens: int | None = option(
+        None, help="the original pre-training tokens, e.g. 2T", parse=parse_tokens, min=1, metavar="N"
+    )
+    text_column: str = option("text", help="text column of table data")
+    data_config: str | None = option(None, help="Hub dataset configuration")
+    split: str = option("train", help="Hub dataset split")
+    seq_len: int = option(2048, help="tokens per packed block", min=2)
+    micro_batch_size: int = option(4, help="blocks per process per forward", min=1)
+    grad_accum: int = option(1, help="micro-batches per optimizer step", min=1)
+    global_batch_tokens: int | None = option(
+        None, help="tokens per optimizer step (sets --grad-accum)", parse=parse_tokens, min=1, metavar="N"
+    )
+    lr: float = option(5e-5, help="peak learning rate", above=0)
+    min_lr_ratio: float = option(0.1, help="final learning rate as a fraction of --lr (cosine)", min=0, max=1)
+    warmup_steps: int | None = option(None, help="linear warmup steps (default 2% of the steps)", min=0)
+    weight_decay: float = option(0.1, help="AdamW weight decay (not on biases and norms)", min=0)
+    grad_clip: float = option(1.0, help="gradient norm clip (0: off)", min=0)
+    mixed_precision: str = option(
+        "auto", help="auto (bf16 on GPUs that have it, else no), no, bf16, fp16", choices=PRECISIONS
+    )
+    gradient_checkpointing: bool = option(False, help="trade compute for memory", flags=("--gradient-checkpointing",))
+    trainable: str = option("all", help="all, or attention (q/k/v/o only: less optimizer memory)", choices=TRAINABLE)
+    seed: int = option(0, help="data order seed", min=0)
+    save_every: int = option(500, help="optimizer steps between checkpoints", min=1)
+    keep_checkpoints: int = option(2, help="checkpoints kept", min=1)
+    resume: bool = option(False, help="continue from the latest checkpoint in OUT")
+    force: bool = option(False, help="replace a non-empty OUT that this tool wrote")
+    report_to: str = option("none", help="none, tensorboard or wandb", choices=REPORTERS)
+    eval_data: str | None = option(None, help="held-out text (or token folder) for perplexity during training")
+    eval_every: int = option(0, help="steps between evaluations (0: at the end only)", min=0)
+    eval_tokens: int = option(65536, help="tokens of --eval-data used", parse=parse_tokens, min=2)
+    num_processes: int | None = option(None, help="processes over all machines (default: every GPU)", min=1)
+    num_machines: int = option(1, help="machines", min=1)
+    machine_rank: int = option(
+        0, help="this machine's rank (machines of --num-machines are numbered by the rendezvous)", min=0
+    )
+    main_process_ip: str | None = option(None, help="address of machine rank 0")
+    main_process_port: int | None = option(
+        None, help="port on machine rank 0 (default: the YAML's, or 29500)", min=1, max=65535
+    )
+    accelerate_config: str | None = option(
+        None, help="an Accelerate YAML: processes and machines, and FSDP (version 2) or DeepSpeed ZeRO-3"
+    )
+    strategy: str = option(
+        "auto",
+        help="auto (the YAML's sharding, else ddp), ddp, fsdp2 (sharded, CPU or GPU) or deepspeed (ZeRO-3, GPU)",
+        choices=STRATEGIES,
+    )
+    dry_run: bool = option(False, help="print the plan and a measured time estimate")
+    timeout_minutes: float = option(
+        60.0, help="how long a process waits for the others: rank 0's tokenization, rendezvous, collectives", above=0
+    )
+    teacher: str | None = option(None, help="distil from this model (folder or .gguf): the unconverted source")
+    distill_weight: float = option(0.5, help="weight of the distillation loss (the LM loss gets 1 - w)", above=0, max=1)
+    distill_temperature: float = option(1.0, help="softmax temperature of the distillation", above=0)
 
-    def __post_init__(self) -> None:
-        """Every check that needs neither files nor devices."""
-        if self.seq_len < 2:
-            raise GQAConvertError("--seq-len must be at least 2")
-        for name in ("micro_batch_size", "grad_accum", "save_every", "keep_checkpoints", "num_machines"):
-            if getattr(self, name) < 1:
-                raise GQAConvertError(f"--{name.replace('_', '-')} must be at least 1")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise GQAConvertError("--lr must be positive and --min-lr-ratio in [0, 1]")
-        if (self.warmup_steps is not None and self.warmup_steps < 0) or self.weight_decay < 0 or self.grad_clip < 0:
-            raise GQAConvertError("--warmup-steps, --weight-decay and --grad-clip must not be negative")
-        for name, value, choices in (
-            ("trainable", self.trainable, TRAINABLE),
-            ("mixed-precision", self.mixed_precision, PRECISIONS),
-            ("report-to", self.report_to, REPORTERS),
-            ("strategy", self.strategy, STRATEGIES),
-        ):
-            if value not in choices:
-                raise GQAConvertError(f"--{name} must be one of: {', '.join(choices)}")
+    def check(self) -> None:
+        """Rules between options (each option's own type and range are checked from its declaration)."""
         if self.num_machines > 1 and not self.main_process_ip:
             raise GQAConvertError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
         if self.eval_every and not self.eval_data:
             raise GQAConvertError("--eval-every needs --eval-data")
-        if self.eval_every < 0 or self.eval_tokens < 2:
-            raise GQAConvertError("--eval-every must not be negative and --eval-tokens at least 2")
-        if not self.timeout_minutes > 0:
-            raise GQAConvertError("--timeout-minutes must be positive")
-        if not 0 < self.distill_weight <= 1 or self.distill_temperature <= 0:
-            raise GQAConvertError("--distill-weight must be in (0, 1] and --distill-temperature positive")
 
 
 @dataclass(frozen=True)
@@ -174,13 +176,14 @@ def check_settings(settings: TrainSettings) -> Any:
                 read_manifest(data)
             else:
                 check_data(data)
-    check_output_folder(
+    rank = machine_rank(settings)
+    # only machine rank 0 writes OUT before training; the others join the run it began, never clearing
+    mode = "resume" if settings.resume else ("join" if rank > 0 else "train")
+    guard_output(
         Path(settings.out),
-        model,
-        settings.force and machine_rank(settings) == 0,
-        # only machine rank 0 writes OUT before training; the others find it already begun
-        resume=settings.resume or machine_rank(settings) > 0,
-        in_place=True,
+        inputs=[model, settings.data, settings.eval_data, settings.teacher, settings.accelerate_config],
+        force=settings.force and rank == 0,
+        mode=mode,
         fix="pass --resume to continue it or --force to replace it",
     )
     return config

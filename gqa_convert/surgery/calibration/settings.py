@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass
 
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.options import Options
 
 KEY_MERGES = ("frequency", "complex")
 VALUE_MOMENTS = ("per-head", "attended", "plain")
@@ -25,7 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Calibration:
+class Calibration(Options):
     """Calibration text and how the calibrated merge uses it."""
 
     data: str
@@ -51,7 +52,7 @@ class Calibration:
     refine_target: str | None = None  # the decoder block's output (None, "block") or the attention's
     device: str = "auto"  # auto: cuda when available
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.tokens < 1 or self.seq_len < 2:
             raise GQAConvertError("--calib-tokens must be positive and --calib-seq-len at least 2")
         if (self.refine_steps is not None and self.refine_steps < 0) or self.refine_lr <= 0:

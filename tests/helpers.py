@@ -1,0 +1,79 @@
+"""Helpers the test modules share: running the CLI (in this process or as a command), the one-line
+error check, folder snapshots, and tiny models that calibration can run on."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from gqa_convert.cli import app
+
+from tiny_models import save_tiny_tokenizer, tiny_config
+
+runner = CliRunner()
+SAMPLE = Path(__file__).parent / "data" / "sample.txt"
+# the closed-form merge before the frequency-aware K, attended V, o_proj solve and sequential calibration
+PLAIN = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
+
+
+def fails(args: list, *expected: str) -> str:
+    """The command fails with one line on stderr that starts with 'error: ', exit 2, no traceback,
+    and the line holds every expected fragment. Returns the line."""
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error: "), message
+    assert "Traceback" not in result.output
+    for fragment in expected:
+        assert fragment in message, message
+    return message
+
+
+def cli(*args: object) -> list[str]:
+    """The command line that runs gqa-convert in a new process."""
+    return [sys.executable, "-m", "gqa_convert.cli", *map(str, args)]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every entry of a folder: file contents by hash, links by target, other kinds by type."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            state[key] = "link:" + os.readlink(path)
+        elif path.is_file() and not path.is_fifo():
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[key] = "dir" if path.is_dir() else "special"
+    return state
+
+
+def refused(args: list, *expected: str, out: Path | None = None, source: Path | None = None) -> str:
+    """One line, exit 2, OUT not created, the source exactly as it was."""
+    before = snapshot(source) if source is not None else None
+    message = fails(args, *expected)
+    if out is not None:
+        assert not out.exists(), f"{out} was written"
+        assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "work files left"
+    if source is not None:
+        assert snapshot(source) == before, "the source changed"
+    return message
+
+
+def build_calibratable(folder: Path, model_type: str, **overrides) -> transformers.PreTrainedModel:
+    """A tiny model with a tokenizer (calibration needs one) and weights at std 0.1."""
+    tokenizer = save_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.1)
+    model.save_pretrained(folder)
+    return model
