@@ -3,7 +3,6 @@ validate themselves) and calls one library function."""
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from dataclasses import asdict
@@ -16,19 +15,16 @@ from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
 from gqa_convert.command_line import OneLineErrors, takes, user_errors
 from gqa_convert.data.tokenize import TokenizeOptions
 from gqa_convert.data.tokenize import tokenize as run_tokenize
-from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
-from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, REFINE_TARGETS, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
-from gqa_convert.surgery.groupings import GROUPINGS
-from gqa_convert.surgery.methods import METHODS
-from gqa_convert.surgery.options import Calibration, ExpandOptions, PoolOptions
+from gqa_convert.surgery.options import ExpandOptions, PoolOptions
+from gqa_convert.surgery.recipe_files import load_recipe, recipe_yaml
+from gqa_convert.surgery.recipes import DEFAULT_RECIPE, RECIPES
 from gqa_convert.train.launch import uptrain as run_uptrain
 from gqa_convert.train.settings import TrainSettings
-from gqa_convert.units import DTYPE_NAMES
 
 app = typer.Typer(
     cls=OneLineErrors,
@@ -38,14 +34,6 @@ app = typer.Typer(
     help="Convert multi-head attention checkpoints to grouped-query attention, and recover them.",
 )
 
-Method = enum.Enum("Method", {name: name for name in METHODS}, type=str)
-Grouping = enum.Enum("Grouping", {name: name for name in GROUPINGS}, type=str)
-DType = enum.Enum("DType", {name: name for name in DTYPE_NAMES}, type=str)
-KeyMerge = enum.Enum("KeyMerge", {name: name for name in KEY_MERGES}, type=str)
-ValueMoment = enum.Enum("ValueMoment", {name: name for name in VALUE_MOMENTS}, type=str)
-RefineTarget = enum.Enum("RefineTarget", {name: name for name in REFINE_TARGETS}, type=str)
-_METHOD_HELP = "how a group's heads merge: " + "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
-_GROUPING_HELP = "which heads form a group: " + "; ".join(f"{g.name}: {g.help}" for g in GROUPINGS.values())
 _LEFT_BY_INTERRUPTION = "nothing was written to the output folder"
 SOURCE = typer.Argument(..., help="model folder, .gguf file or Hub id")
 OUT = typer.Option(..., "--out", "-o", help="output folder (created)")
@@ -64,85 +52,32 @@ def inspect(
     typer.echo(json.dumps(report) if as_json else format_inspect(report))
 
 
-def _calibration(flags: dict[str, Any]) -> Calibration | None:
-    """pool's calibration flags as a Calibration (None without --calib-data)."""
-    if (flags["refine_steps"] or flags["refine_target"]) and not flags["calib_data"]:
-        raise GQAConvertError(
-            "--refine-steps/--refine-target refine a calibrated merge: add --method aligned --calib-data FILE"
-        )
-    if not flags["calib_data"]:
-        return None
-    return Calibration(
-        data=flags["calib_data"],
-        extra_data=tuple(flags["calib_extra"] or ()),
-        tokens=flags["calib_tokens"],
-        seq_len=flags["calib_seq_len"],
-        text_column=flags["calib_text_column"],
-        sequential=flags["calib_sequential"],
-        key_merge=flags["key_merge"].value,
-        band_angle=flags["band_angle"],
-        value_moment=flags["value_moment"].value,
-        output_ridges=tuple(flags["output_ridge"] or OUTPUT_RIDGES) if flags["output_solve"] else None,
-        device=flags["device"],
-        refine_steps=flags["refine_steps"],
-        refine_lr=flags["refine_lr"],
-        refine_target=flags["refine_target"].value if flags["refine_target"] else None,
-    )
+@app.command()
+@user_errors(_LEFT_BY_INTERRUPTION)
+@takes(PoolOptions)
+def pool(source: str = SOURCE, out: Path = OUT, options: PoolOptions = None) -> None:
+    """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA), by a recipe."""
+    _summary(run_pool(source, out, options))
 
 
 @app.command()
-@user_errors(_LEFT_BY_INTERRUPTION)
-def pool(
-    source: str = typer.Argument(..., help="model folder, .gguf file or Hub id"),
-    out: Path = typer.Option(..., "--out", "-o", help="output folder (created)"),
-    kv_heads: int = typer.Option(..., "--kv-heads", "-g", help="kv heads after pooling (1 = MQA)"),
-    method: Method = typer.Option("mean", help=_METHOD_HELP),
-    grouping: Grouping = typer.Option("contiguous", help=_GROUPING_HELP),
-    dtype: DType = typer.Option("auto", help="output dtype of floating tensors"),
-    max_shard_size: str = typer.Option("5GB", help="largest safetensors shard"),
-    seed: int = typer.Option(0, help="seed for --method random"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty output folder"),
-    revision: Optional[str] = typer.Option(None, help="Hub revision"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="read .bin (pickle) weights"),
-    calib_data: Optional[str] = typer.Option(None, help="calibration text for calibrated methods and groupings"),
-    calib_extra: Optional[list[str]] = typer.Option(None, help="calibration text of other domains (repeatable)"),
-    calib_tokens: int = typer.Option(16384, help="calibration tokens"),
-    calib_seq_len: int = typer.Option(512, help="calibration sequence length (use the target context length)"),
-    calib_text_column: str = typer.Option("text", help="text column of table calibration data"),
-    calib_sequential: bool = typer.Option(True, help="calibrate each layer on the merged layers' outputs"),
-    key_merge: KeyMerge = typer.Option("frequency", help="aligned K: frequency-aware (per layer) or complex per pair"),
-    band_angle: float = typer.Option(1.0, help="aligned K: the low band's pairs rotate at most this (rad) per window"),
-    value_moment: ValueMoment = typer.Option(
-        "per-head", help="aligned V: the moments it fits (per-head attended, head-averaged attended, or plain)"
-    ),
-    output_solve: bool = typer.Option(True, help="aligned: solve all o_proj blocks jointly (held-out check)"),
-    output_ridge: Optional[list[float]] = typer.Option(
-        None, help="relative ridge of the o_proj solve (repeatable: the best per layer; default 0.1 0.3 1 3 10)"
-    ),
-    device: str = typer.Option("auto", help="calibration device: auto (cuda when available), cpu, cuda, cuda:N"),
-    refine_steps: Optional[int] = typer.Option(
-        None, help="aligned: Adam steps per layer fitting the merged attention (default: 100 on a GPU, 0 on a CPU)"
-    ),
-    refine_lr: float = typer.Option(3e-4, help="learning rate of --refine-steps"),
-    refine_target: Optional[RefineTarget] = typer.Option(
-        None, help="what --refine-steps fits: the decoder block's output (default, MLP included) or the attention's"
-    ),
+@user_errors()
+def recipes(
+    name: Optional[str] = typer.Argument(None, help="print this recipe in full, as a YAML file to copy and edit"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Group the query heads and merge each group's K/V projections (MHA/GQA -> GQA/MQA)."""
-    calibration = _calibration(locals())
-    options = PoolOptions(
-        kv_heads=kv_heads,
-        method=method.value,
-        grouping=grouping.value,
-        seed=seed,
-        calibration=calibration,
-        dtype=dtype.value,
-        max_shard_size=max_shard_size,
-        force=force,
-        revision=revision,
-        allow_pickle=allow_pickle,
-    )
-    _summary(run_pool(source, out, options))
+    """The built-in recipes of pool, one line each (the default marked); with NAME, one in full."""
+    if name is not None:
+        recipe = load_recipe(name)
+        typer.echo(json.dumps(recipe.as_dict(every_section=False)) if as_json else recipe_yaml(recipe), nl=as_json)
+        return
+    if as_json:
+        typer.echo(json.dumps({"default": DEFAULT_RECIPE, "recipes": [r.as_dict() for r in RECIPES.values()]}))
+        return
+    width = max(map(len, RECIPES))
+    for recipe in RECIPES.values():
+        mark = " (default)" if recipe.name == DEFAULT_RECIPE else ""
+        typer.echo(f"{recipe.name:<{width}}  {recipe.summary}{mark}")
 
 
 @app.command()

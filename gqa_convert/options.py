@@ -70,7 +70,7 @@ class Options:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            checked = check_value(value, hints[field.name], spec_of(field), _label(field))
+            checked = check_value(value, hints[field.name], spec_of(field), self.label_of(field))
             if checked is not value:
                 object.__setattr__(self, field.name, checked)
         self.check()
@@ -78,9 +78,23 @@ class Options:
     def check(self) -> None:
         """Rules between fields (override)."""
 
+    @classmethod
+    def label_of(cls, field: dataclasses.Field) -> str:
+        """How messages name a field: its flag (override: options read from a file name their keys)."""
+        return _label(field)
+
     def replace(self, **changes: Any) -> Any:
         """A copy with some fields changed, checked like a new object."""
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileOptions(Options):
+    """Options read from a file (a recipe): messages name the file's keys, not flags."""
+
+    @classmethod
+    def label_of(cls, field: dataclasses.Field) -> str:
+        return field.name
 
 
 def _refuse(label: str, value: Any, wanted: str) -> GQAConvertError:

@@ -106,10 +106,10 @@ def kv_cache_bytes_per_token(config: Any, kv_heads: int, bytes_per_element: int 
     return 2 * kv_heads * head_dim_of(config) * int(config.num_hidden_layers) * bytes_per_element
 
 
-def check_seq_len(seq_len: int, config: Any) -> None:
+def check_seq_len(seq_len: int, config: Any, flag: str = "--seq-len") -> None:
     """A window of seq_len tokens must fit the model's positions."""
     if seq_len < 2:
-        raise GQAConvertError("--seq-len must be at least 2")
+        raise GQAConvertError(f"{flag} must be at least 2")
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
-        raise GQAConvertError(f"--seq-len {seq_len} is above the model's {positions} positions: lower it")
+        raise GQAConvertError(f"{flag} {seq_len} is above the model's {positions} positions: lower it")

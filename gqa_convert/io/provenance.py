@@ -48,8 +48,9 @@ def write_model_card(folder: Path, source: str, details: dict[str, Any], before:
     operation = details["operation"]
     if operation == "pool":
         what = (
-            f"The {details['kv_heads_before']} kv heads were merged into {details['kv_heads_after']} by "
-            f"`{details['method']}` over `{details['grouping']}` groups {details['groups']}."
+            f"The {details['kv_heads_before']} kv heads were merged into {details['kv_heads_after']} by the "
+            f"recipe `{details['recipe']['name']}` (method `{details['method']}` over `{details['grouping']}` "
+            f"groups {details['groups']})."
         )
         advice = (
             "Merging kv heads of a trained model loses quality until the model is uptrained "

@@ -1,2 +1,2 @@
-"""Head surgery: head plans, the layout mechanism, the method and grouping registries, calibrated
-merging, and pool / expand."""
+"""Head surgery: head plans, the layout mechanism, the method and grouping registries, recipes, the
+calibrated merge (aligned/) and its pass over the layers, and pool / expand."""

@@ -1,6 +1,6 @@
 """pool (MHA/GQA -> fewer kv heads) and expand (GQA -> exact MHA), streamed one layer at a time.
 
-Phases: open the source and validate the request; (calibrated methods) compute per-layer plans and
+Phases: open the source and validate the request; (calibrated recipes) compute per-layer plans and
 merged tensors; plan every output tensor on meta tensors; write the tensors into a staged folder
 (attention tensors one layer at a time, the rest copied byte for byte); write config, tokenizer,
 provenance and model card; rename the folder into place.
@@ -9,7 +9,6 @@ provenance and model card; rename the folder into place.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gqa_convert.arch import head_dim_of, kv_cache_bytes_per_token, valid_kv_heads, write_kv_heads
+from gqa_convert.arch import check_seq_len, head_dim_of, kv_cache_bytes_per_token, valid_kv_heads, write_kv_heads
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import guard_output, output_lock, staged_output, work_folder
@@ -28,7 +27,7 @@ from gqa_convert.io.provenance import new_record, write_model_card, write_record
 from gqa_convert.io.side_files import copy_side_files, write_config
 from gqa_convert.io.sources import Checkpoint, open_checkpoint
 from gqa_convert.io.writer import ShardedWriter, TensorSpec
-from gqa_convert.surgery.calibration.plans import calibrate_plans
+from gqa_convert.surgery.calibrated import calibrate_layers
 from gqa_convert.surgery.options import ConversionOptions, ExpandOptions, PoolOptions
 from gqa_convert.surgery.plan import HeadPlan, contiguous_groups, expand_groups
 from gqa_convert.surgery.stream import Source, cast, compute, plan_outputs, units
@@ -49,28 +48,25 @@ class Conversion:
 
 
 def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversion:
-    """Merge the kv heads of `source` into `options.kv_heads` groups and write a transformers folder
-    at `out`. Calibrated methods and groupings read `options.calibration` (text of the source's domain)."""
-    if options.calibration is not None and options.calibrated:
-        for data in options.calibration.sources:
-            check_data(data)
+    """Merge the kv heads of `source` into `options.kv_heads` groups by the options' recipe and write a
+    transformers folder at `out`. A calibrated recipe reads the calibration text (of the source's domain)."""
+    recipe = options.resolved_recipe
+    text = options.calibration_text if recipe.calibrated else None
+    for data in text.data if text is not None else ():
+        check_data(data)
     with _opened_for_output(source, Path(out), options) as checkpoint:
         plan = _pool_plan(checkpoint, options)
-        details: dict[str, Any] = {"operation": "pool", "method": options.method, "grouping": options.grouping}
-        details["seed"] = options.seed
-        if not options.calibrated:
+        details: dict[str, Any] = {"operation": "pool", "method": recipe.method, "grouping": recipe.grouping}
+        details.update(recipe=recipe.as_dict(), seed=options.seed)
+        if text is None:
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
+        check_seq_len(text.seq_len, checkpoint.config, flag="--calib-seq-len")
+        device = options.calibration_device
         with work_folder(Path(out), "calib") as workdir:
-            assert options.calibration is not None
-            calibration = options.calibration
-            if not options.merge_method.needs_calibration:  # a calibrated grouping alone: nothing to refine
-                calibration = dataclasses.replace(calibration, refine_steps=0)
-            calibration = calibration.resolved()
-            layer_plans, overrides = calibrate_plans(
-                checkpoint, plan, options.merge_method, options.head_grouping, calibration, workdir
-            )
-            details["calibration"] = dataclasses.asdict(calibration)
-            return _convert(checkpoint, Path(out), Source(checkpoint, plan, layer_plans, overrides), options, details)
+            layers = calibrate_layers(checkpoint, plan, recipe, text, device, workdir)
+            details["calibration"] = {"data": list(text.data), "text_column": text.text_column, "device": device}
+            source_plan = Source(checkpoint, plan, layers.plans, layers.overrides)
+            return _convert(checkpoint, Path(out), source_plan, options, details)
 
 
 def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = None) -> Conversion:
@@ -87,8 +83,8 @@ def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = 
 @contextlib.contextmanager
 def _opened_for_output(source: str | Path, out: Path, options: ConversionOptions) -> Iterator[Checkpoint]:
     """OUT checked (before any slow work) and held for this run, then the source opened and checked."""
-    calibration = getattr(options, "calibration", None)
-    guard_output(out, inputs=[source, *(calibration.sources if calibration else ())], force=options.force)
+    calibration = getattr(options, "calib_data", ())
+    guard_output(out, inputs=[source, *calibration], force=options.force)
     with output_lock(out):
         yield open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
 
@@ -102,10 +98,11 @@ def _pool_plan(checkpoint: Checkpoint, options: PoolOptions) -> HeadPlan:
             f"--kv-heads {options.kv_heads} is not possible for this {origin} model ({num_heads} query heads): "
             f"choose one of {', '.join(map(str, valid))}"
         )
+    recipe = options.resolved_recipe
     if options.kv_heads == old_kv:
         effect = (
-            "every kv head is redrawn (--method random): the trained K/V weights are replaced by fresh ones"
-            if options.method == "random"
+            f"every kv head is redrawn (recipe {recipe.name}): the trained K/V weights are replaced by fresh ones"
+            if recipe.method == "random"
             else "nothing is merged (every group is one head)"
         )
         warnings.warn(f"--kv-heads {old_kv} is the model's current kv head count: {effect}", stacklevel=3)
@@ -114,7 +111,7 @@ def _pool_plan(checkpoint: Checkpoint, options: PoolOptions) -> HeadPlan:
         old_kv=old_kv,
         groups=contiguous_groups(old_kv, options.kv_heads),
         head_dim=head_dim_of(checkpoint.config),
-        merge=options.merge_method.merge,
+        merge=recipe.merge_method.merge,
         seed=options.seed,
         init_std=float(getattr(checkpoint.config, "initializer_range", 0.02) or 0.02),
     )

@@ -1,17 +1,17 @@
-"""Groupings: which kv heads form a group. A registry of Grouping objects; the CLI's choices, the
+"""Groupings: which kv heads form a group. A registry of Grouping objects; the recipes' choices, the
 validation and the dispatch all come from it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gqa_convert.surgery.calibration.linalg import Attention
-from gqa_convert.surgery.calibration.sequential import LayerCalibration
-from gqa_convert.surgery.calibration.similarity import groups_by_similarity
+from gqa_convert.calibration import LayerStatistics
+from gqa_convert.surgery.aligned.attention import Attention
+from gqa_convert.surgery.aligned.similarity import groups_by_similarity
 
-# (attention, the layer's calibration, kv heads after) -> the groups of one layer
-ChooseGroupsFn = Callable[[Attention, LayerCalibration, int], tuple[tuple[int, ...], ...]]
+# (the layer's attention, its statistics, its RoPE pairs, kv heads after) -> the groups of one layer
+ChooseGroupsFn = Callable[[Attention, LayerStatistics, Sequence[tuple[int, int]], int], tuple[tuple[int, ...], ...]]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ GROUPINGS: dict[str, Grouping] = {
         Grouping("contiguous", "kv heads [0..g), [g..2g), ... merge (transformers' rule; no calibration)"),
         Grouping(
             "similarity",
-            "per layer, the kv heads most alike after alignment merge (needs --calib-data)",
+            "per layer, the kv heads most alike after alignment merge (calibrated)",
             groups_by_similarity,
         ),
     )

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from gqa_convert.arch import KvTensor, Layout, TensorKind
-from gqa_convert.surgery.methods import MergeContext
-from gqa_convert.surgery.plan import HeadPlan
+from gqa_convert.surgery.plan import HeadPlan, MergeContext
 
 
 def regroup_heads(heads: torch.Tensor, plan: HeadPlan, name: str, kind: TensorKind) -> torch.Tensor:

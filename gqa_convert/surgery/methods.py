@@ -4,32 +4,22 @@ the CLI's choices, the validation and the dispatch all come from it.
 A method's `merge` gets the stacked heads of a group, shape (g, *head_shape), and returns one head;
 `kind` says what the tensor is (weight, bias, norm scale, norm bias) for methods that do not look at
 the values. A calibrated method also has `merge_layer`, which merges a whole layer's attention from
-calibration statistics; its `merge` covers what that does not (kv-dependent norms).
+the layer's inputs (plan, calibration statistics) and the recipe section named by `settings`; its
+`merge` covers what that does not (kv-dependent norms). Adding a method is adding an entry here (and,
+for a calibrated one with settings of its own, a recipe section: gqa_convert.surgery.recipes).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gqa_convert.arch import TensorKind
-from gqa_convert.surgery.calibration.aligned import LayerMergeFn, aligned_merge
-
-
-@dataclass(frozen=True)
-class MergeContext:
-    """What a method may need beyond the heads themselves."""
-
-    name: str  # the tensor's name: with the seed it makes random draws independent of order
-    kind: TensorKind
-    seed: int = 0
-    init_std: float = 0.02  # the model's initializer_range
-
-
-MergeFn = Callable[[torch.Tensor, MergeContext], torch.Tensor]
+from gqa_convert.surgery.aligned import aligned_merge
+from gqa_convert.surgery.aligned.merge import LayerMergeFn
+from gqa_convert.surgery.plan import MergeContext, MergeFn
 
 
 def merge_mean(heads: torch.Tensor, context: MergeContext) -> torch.Tensor:
@@ -63,6 +53,7 @@ class Method:
     help: str
     merge: MergeFn
     merge_layer: LayerMergeFn | None = None  # calibrated: a whole layer from calibration statistics
+    settings: str | None = None  # the recipe section merge_layer reads (and refinement applies to it)
 
     @property
     def needs_calibration(self) -> bool:
@@ -74,12 +65,15 @@ METHODS: dict[str, Method] = {
     for method in (
         Method("mean", "the GQA paper's rule: the mean of each group's heads", merge_mean),
         Method("first", "keep each group's first head (the paper's ablation)", merge_first),
-        Method("random", "fresh heads drawn like the model's init, --seed (the paper's ablation)", merge_random),
+        Method(
+            "random", "fresh heads drawn like the model's init, seeded by --seed (the paper's ablation)", merge_random
+        ),
         Method(
             "aligned",
-            "calibrated merge: frequency-aware K, attended V, joint o_proj solve, sequential (needs --calib-data)",
+            "calibrated merge: K and V fitted to what the heads compute on calibration text, then o_proj",
             merge_mean,
             aligned_merge,
+            settings="aligned",
         ),
     )
 }

@@ -1,19 +1,24 @@
 """What a conversion is asked to do, validated where it is built: the CLI and Python callers get the
-same checks, before any work starts."""
+same checks, before any work starts. pool's options are what a user sets (kv heads, the recipe, the
+calibration text and its size, device and output); how the merge works is the recipe's
+(gqa_convert.surgery.recipes)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 
+from gqa_convert.calibration import CalibrationText, check_device, resolve_device
+from gqa_convert.calibration.texts import token_share
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import Options, option
-from gqa_convert.surgery.calibration.settings import Calibration
-from gqa_convert.surgery.groupings import GROUPINGS, Grouping
-from gqa_convert.surgery.methods import METHODS, Method
+from gqa_convert.surgery.methods import METHODS
+from gqa_convert.surgery.recipe_files import load_recipe
+from gqa_convert.surgery.recipes import DEFAULT_RECIPE, RECIPES, Recipe
 from gqa_convert.units import DTYPE_NAMES, parse_size
 
-__all__ = ["Calibration", "ConversionOptions", "ExpandOptions", "PoolOptions"]
+__all__ = ["ConversionOptions", "ExpandOptions", "PoolOptions"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,42 +44,101 @@ class ExpandOptions(ConversionOptions):
     """expand: exact GQA/MQA -> MHA."""
 
 
+def _recipe_help() -> str:
+    return f"a built-in recipe (gqa-convert recipes lists them; default: {DEFAULT_RECIPE}) or a recipe YAML file"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PoolOptions(ConversionOptions):
-    """pool: merge the kv heads into kv_heads groups."""
+    """pool: merge the kv heads into kv_heads groups, by a recipe. Once built, `recipe` is a Recipe."""
 
-    kv_heads: int
-    method: str = "mean"
-    grouping: str = "contiguous"
-    seed: int = 0  # for method random
-    calibration: Calibration | None = None  # needed by calibrated methods and groupings
+    kv_heads: int = option(help="kv heads after pooling (1 = MQA)", flags=("--kv-heads", "-g"), min=1)
+    recipe: str | Recipe | None = option(None, help=_recipe_help(), parse=load_recipe, metavar="NAME|FILE")
+    method: str | None = option(
+        None,
+        choices=lambda: METHODS,
+        help="the built-in recipe of that name: --method mean is the GQA paper's baseline (the same as --recipe mean)",
+    )
+    calib_data: tuple[str, ...] = option(
+        (),
+        help="calibration text for a calibrated recipe: a text or table file, a folder or a Hub dataset id "
+        "(repeatable: several share the tokens equally)",
+        metavar="TEXT",
+    )
+    calib_tokens: int | None = option(None, min=1, help="calibration tokens (default: the recipe's, 16384)")
+    calib_seq_len: int | None = option(
+        None, min=2, help="calibration window (default: the recipe's, 512; use the context the model will serve)"
+    )
+    calib_text_column: str = option("text", help="the text column of table calibration data")
+    device: str = option("auto", help="calibration device: auto (cuda when available), cpu, cuda or cuda:N")
+    seed: int = option(0, help="seed of the random recipe")
 
     def check(self) -> None:
         super().check()
-        if self.method not in METHODS:
-            raise GQAConvertError(f"unknown method '{self.method}'; choose one of: {', '.join(METHODS)}")
-        if self.grouping not in GROUPINGS:
-            raise GQAConvertError(f"unknown grouping '{self.grouping}'; choose one of: {', '.join(GROUPINGS)}")
-        if self.calibrated and self.calibration is None:
+        if self.recipe is not None and not isinstance(self.recipe, Recipe):
             raise GQAConvertError(
-                f"--method {self.method} --grouping {self.grouping} needs calibration text: pass --calib-data FILE"
+                f"--recipe must be a recipe name, a YAML file or a Recipe, not {self.recipe!r} "
+                f"({type(self.recipe).__name__})"
             )
-        refining = self.calibration is not None and (self.calibration.refine_steps or self.calibration.refine_target)
-        if refining and not self.merge_method.needs_calibration:
-            raise GQAConvertError("--refine-steps/--refine-target refine a calibrated merge: add --method aligned")
-        if not self.calibrated and self.calibration is not None:
+        recipe = self.recipe or RECIPES[self.method or DEFAULT_RECIPE]
+        if self.method is not None and recipe.method != self.method:
+            raise GQAConvertError(
+                f"--method {self.method} contradicts --recipe {recipe.name}, whose method is {recipe.method}: "
+                f"give one of them (a recipe names its method; to change it, edit a copy: "
+                f"gqa-convert recipes {recipe.name} > my-recipe.yaml)"
+            )
+        object.__setattr__(self, "recipe", recipe)
+        object.__setattr__(self, "_resolved", self._resolve(recipe))
+        check_device(self.device)
+        self._check_calibration(recipe)
+
+    def _check_calibration(self, recipe: Recipe) -> None:
+        given = [flag for flag, value in self._calibration_flags().items() if value]
+        if not recipe.calibrated:
+            if given:
+                warnings.warn(f"{', '.join(given)} ignored: recipe {recipe.name} uses no calibration", stacklevel=4)
+            return
+        if recipe.needs_user_text and not self.calib_data:
+            raise GQAConvertError(
+                f"recipe {recipe.name} calibrates on text of the model's domain: pass --calib-data FILE "
+                "(e.g. a few thousand lines of the text it will serve)"
+            )
+        if not recipe.needs_user_text and self.calib_data:
             warnings.warn(
-                "--calib-data is ignored: mean/first/random with contiguous grouping use no calibration", stacklevel=3
+                f"--calib-data ignored: recipe {recipe.name} calibrates on {recipe.calibration.text} text",
+                stacklevel=4,
             )
+        token_share(self.calibration_text)
+
+    def _calibration_flags(self) -> dict[str, bool]:
+        return {
+            "--calib-data": bool(self.calib_data),
+            "--calib-tokens": self.calib_tokens is not None,
+            "--calib-seq-len": self.calib_seq_len is not None,
+            "--calib-text-column": self.calib_text_column != "text",
+        }
+
+    def _resolve(self, recipe: Recipe) -> Recipe:
+        sizes = {"tokens": self.calib_tokens, "seq_len": self.calib_seq_len}
+        changes = {key: value for key, value in sizes.items() if value is not None}
+        if not changes or not recipe.calibrated:
+            return recipe
+        with warnings.catch_warnings():  # the recipe's own warnings were given when it was built
+            warnings.simplefilter("ignore")
+            return dataclasses.replace(recipe, calibration=recipe.calibration.replace(**changes))
 
     @property
-    def merge_method(self) -> Method:
-        return METHODS[self.method]
+    def resolved_recipe(self) -> Recipe:
+        """The recipe as run: its calibration sizes replaced by --calib-tokens and --calib-seq-len."""
+        return self._resolved  # type: ignore[attr-defined]
 
     @property
-    def head_grouping(self) -> Grouping:
-        return GROUPINGS[self.grouping]
+    def calibration_text(self) -> CalibrationText:
+        """What the calibration reads."""
+        settings = self.resolved_recipe.calibration
+        data = self.calib_data if self.resolved_recipe.needs_user_text else ()
+        return CalibrationText(settings.text, data, settings.tokens, settings.seq_len, self.calib_text_column)
 
     @property
-    def calibrated(self) -> bool:
-        return self.merge_method.needs_calibration or self.head_grouping.needs_calibration
+    def calibration_device(self) -> str:
+        return resolve_device(self.device)

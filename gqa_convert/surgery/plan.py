@@ -1,11 +1,34 @@
 """A head plan: which old kv heads form each new kv head, by which merge, and in which order the query
-heads end up (a permutation that changes nothing the model computes)."""
+heads end up (a permutation that changes nothing the model computes). It depends on nothing else of the
+conversion: methods, layouts and the calibrated pass all build on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gqa_convert.surgery.methods import MergeFn, merge_first
+import torch
+
+from gqa_convert.arch import TensorKind
+
+
+@dataclass(frozen=True)
+class MergeContext:
+    """What a merge may need beyond the heads themselves."""
+
+    name: str  # the tensor's name: with the seed it makes random draws independent of order
+    kind: TensorKind
+    seed: int = 0
+    init_std: float = 0.02  # the model's initializer_range
+
+
+# (the stacked heads of one group, shape (g, *head_shape), context) -> one head
+MergeFn = Callable[[torch.Tensor, MergeContext], torch.Tensor]
+
+
+def only_head(heads: torch.Tensor, context: MergeContext) -> torch.Tensor:
+    """A group of one (expand, or kv counts kept): the head itself."""
+    return heads[0].clone()
 
 
 @dataclass(frozen=True)
@@ -16,7 +39,7 @@ class HeadPlan:
     old_kv: int
     groups: tuple[tuple[int, ...], ...]
     head_dim: int
-    merge: MergeFn = merge_first
+    merge: MergeFn = only_head
     seed: int = 0
     init_std: float = 0.02
     # query_order[j] = the source query head that becomes query head j (None: unchanged)

@@ -3,13 +3,16 @@ chosen greedily from it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from gqa_convert.surgery.calibration.linalg import Attention, cholesky
-from gqa_convert.surgery.calibration.sequential import LayerCalibration
+from gqa_convert.calibration import LayerStatistics
+from gqa_convert.surgery.aligned.attention import Attention
+from gqa_convert.surgery.aligned.linalg import cholesky
 
 
-def head_similarity(attention: Attention, moment: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+def head_similarity(attention: Attention, moment: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
     """(nkv, nkv) in [0, 1]: how well two kv heads share one head, after alignment. V: mean squared
     cosine of the principal angles between their whitened value subspaces. K: per RoPE pair, the
     squared correlation of their complex keys (a complex scale aligns them), averaged."""
@@ -43,5 +46,7 @@ def similar_groups(similarity: torch.Tensor, kv_heads: int) -> tuple[tuple[int, 
     return tuple(groups)
 
 
-def groups_by_similarity(attention: Attention, layer: LayerCalibration, kv_heads: int) -> tuple[tuple[int, ...], ...]:
-    return similar_groups(head_similarity(attention, layer.moment, layer.pairs), kv_heads)
+def groups_by_similarity(
+    attention: Attention, statistics: LayerStatistics, pairs: Sequence[tuple[int, int]], kv_heads: int
+) -> tuple[tuple[int, ...], ...]:
+    return similar_groups(head_similarity(attention, statistics.moment, pairs), kv_heads)

@@ -1,4 +1,4 @@
-"""One layer's attention as per-head float64 tensors, and the linear algebra the merges share.
+"""The linear algebra the calibrated merges share.
 
 Notation: d = hidden size + 1 (a constant input of 1 carries the biases), hd = head_dim,
 S = the calibration second moment of [x, 1] (d x d), L its Cholesky factor.
@@ -6,8 +6,7 @@ S = the calibration second moment of [x, 1] (d x d), L its Cholesky factor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
 
 import torch
 
@@ -16,41 +15,6 @@ RIDGE_RETRIES = 4  # up to 1e-3 relative, then the last try at 1e-2 raises if it
 
 Groups = Sequence[Sequence[int]]
 Readers = dict[int, list[int]]  # source kv head -> the query heads that read it
-
-
-@dataclass
-class Attention:
-    """One layer's attention as separate per-head projections, float64, biases as a last column.
-
-    q: (nh, hd, d); k, v: (nkv, hd, d); o: (d_out, nh, hd). A projection without bias has zeros in
-    the last column and must keep them (`*_bias` False)."""
-
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    o: torch.Tensor
-    q_bias: bool
-    k_bias: bool
-    v_bias: bool
-
-    def to(self, device: str | torch.device) -> Attention:
-        return replace(self, q=self.q.to(device), k=self.k.to(device), v=self.v.to(device), o=self.o.to(device))
-
-    def as_tensors(self, names: dict[str, str], dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
-        """The projections as flat weight (and bias) tensors named names[role] + ".weight"/".bias"."""
-        out = {}
-        for role, heads, has_bias in (
-            ("q", self.q, self.q_bias),
-            ("k", self.k, self.k_bias),
-            ("v", self.v, self.v_bias),
-        ):
-            flat = heads.reshape(-1, heads.shape[-1])
-            out[names[role] + ".weight"] = flat[:, :-1].to(dtype_of(names[role] + ".weight")).contiguous()
-            if has_bias:
-                out[names[role] + ".bias"] = flat[:, -1].to(dtype_of(names[role] + ".bias")).contiguous()
-        o_name = names["o"] + ".weight"
-        out[o_name] = self.o.reshape(self.o.shape[0], -1).to(dtype_of(o_name)).contiguous()
-        return out
 
 
 def cholesky(moment: torch.Tensor) -> torch.Tensor:

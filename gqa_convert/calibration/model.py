@@ -1,4 +1,4 @@
-"""Calibration inputs of the source model, one decoder layer in memory at a time.
+"""The source model run for calibration, one decoder layer in memory at a time.
 
 The model is built with a single decoder layer and eager attention (so every mask is explicit and the
 attention modules return their probabilities); its forward runs the embedding (and whatever the
@@ -16,10 +16,8 @@ from typing import Any
 import torch
 
 from gqa_convert.arch import write_kv_heads
-from gqa_convert.data.text import check_data, read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import Checkpoint
-from gqa_convert.surgery.calibration.settings import Calibration
 
 ATTENTION = "eager"  # explicit masks, and attention probabilities returned by every attention module
 
@@ -35,31 +33,6 @@ class Batch:
 
 class _Caught(Exception):
     pass
-
-
-def _windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
-    check_data(data)
-    ids = tokenize_text(checkpoint.tokenizer(), read_text(data, text_column), max_tokens=tokens)
-    windows = len(ids) // seq_len
-    if windows < 1 or windows * seq_len < min(tokens, 4 * seq_len):
-        raise GQAConvertError(
-            f"{data} gives {len(ids)} tokens: calibration needs at least {min(tokens, 4 * seq_len)} "
-            f"(--calib-tokens {tokens}, --calib-seq-len {seq_len}); give more text"
-        )
-    return ids[: windows * seq_len].view(windows, seq_len)
-
-
-def calibration_ids(checkpoint: Checkpoint, calibration: Calibration) -> torch.Tensor:
-    """(n, seq_len) token ids: the first tokens of each calibration text (an equal share each), their
-    windows interleaved so that every batch, and the held-out batches, mix the texts."""
-    share = calibration.tokens // len(calibration.sources)
-    parts = [
-        _windows(checkpoint, data, share, calibration.seq_len, calibration.text_column) for data in calibration.sources
-    ]
-    order = sorted(
-        ((position, source) for source, part in enumerate(parts) for position in range(len(part))),
-    )
-    return torch.stack([parts[source][position] for position, source in order])
 
 
 def layer_config(checkpoint: Checkpoint, kv_heads: int | None = None) -> Any:

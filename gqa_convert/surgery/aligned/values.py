@@ -16,16 +16,16 @@ sum_h C_h^T C_h W_v M_h = sum_h C_h^T A_h M_h are solved by preconditioned conju
 current W_v. Each half-step lowers the objective, so the result is never worse than the start. The
 M_h are accumulated in float64 (float32 sums of the residual stream's large activations are not
 positive semi-definite) and shrunk toward their average where calibration tokens are few
-(shrink_moments_).
+(gqa_convert.calibration.statistics.shrink_moments_).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gqa_convert.surgery.calibration.linalg import (
+from gqa_convert.surgery.aligned.attention import Attention
+from gqa_convert.surgery.aligned.linalg import (
     RIDGE,
-    Attention,
     Groups,
     Readers,
     cholesky,
@@ -70,17 +70,6 @@ def merge_values(
             new_v[g, :, :width] = shared
             new_o[:, [h for h, _ in heads], :] = head_blocks.transpose(0, 1)
     return new_v, new_o
-
-
-def shrink_moments_(per_head: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Each query head's attended moment (nh, w, w) shrunk in place toward the heads' average by
-    w / (w + tokens): a head's moment from few tokens is rank-deficient, and the alternation would fit
-    directions the calibration text never excited (a few hundred tokens gave perplexities in the
-    thousands). In place: for a 70B shape each copy is tens of GB."""
-    width = per_head.shape[-1]
-    weight = width / (width + tokens)
-    average = per_head.mean(0)
-    return per_head.mul_(1 - weight).add_(average, alpha=weight)
 
 
 # A target A_h = left_h @ right_h, as its factors: (n, d_out, r) and (n, r, width); for o_h W_v,k the

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from gqa_convert.surgery.calibration.sequential import AttentionCall, LayerCalibration
-from gqa_convert.surgery.calibration.settings import REFINE_TARGETS
+from gqa_convert.calibration import AttentionCall, LayerStatistics
+from gqa_convert.surgery.aligned.attention import Attention, attention_from
+from gqa_convert.surgery.aligned.settings import REFINE_TARGETS, RefineSettings
 from gqa_convert.surgery.layouts import permute_query_tensor
 from gqa_convert.surgery.plan import HeadPlan
 
@@ -93,7 +94,7 @@ def _fit(module: Any, attention: Any, trained: set[str], target: Target, train, 
 
 
 def refine(
-    stats: LayerCalibration,
+    stats: LayerStatistics,
     tensors: dict[str, torch.Tensor],
     plan: HeadPlan,
     attention_prefix: str,
@@ -143,3 +144,22 @@ def refine(
             value = permute_query_tensor(value, dim, plan.num_heads, inverse)
         refined[name] = value.to("cpu", tensor.dtype).contiguous()
     return refined, before, best
+
+
+def refine_layer(
+    stats: LayerStatistics,
+    tensors: dict[str, torch.Tensor],
+    plan: HeadPlan,
+    names: dict[str, str],
+    attention_prefix: str,
+    query_dims: dict[str, int],
+    settings: RefineSettings,
+) -> tuple[dict[str, torch.Tensor], Attention, tuple[str, float, float]]:
+    """The merged tensors of one layer (names: role -> the checkpoint's projection names) refined, the
+    refined attention in the source's layout (what the next layers' student stream runs through), and
+    (target, held-out error before, after) for the log."""
+    tensors, before, after = refine(
+        stats, tensors, plan, attention_prefix, query_dims, settings.steps, settings.lr, settings.target
+    )
+    refined = attention_from(tensors.get, names, plan.num_heads, plan.new_kv, plan.head_dim).to(stats.device)
+    return tensors, refined.repeated(plan.groups, plan.old_kv), (settings.target, before, after)

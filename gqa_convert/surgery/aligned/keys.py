@@ -24,12 +24,14 @@ becomes G^-T P^T E_k^T q_B.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.surgery.calibration.linalg import Attention, Groups, Readers, cholesky, psd_root, top_row_space
+from gqa_convert.surgery.aligned.attention import Attention
+from gqa_convert.surgery.aligned.linalg import Groups, Readers, cholesky, psd_root, top_row_space
 
 GAUGES = ("projection", "polar")
 
@@ -42,14 +44,14 @@ def rotary_pairs(head_dim: int, rotary_dim: int, interleaved: bool = False) -> l
     return rotary + [(rotary_dim + j, rotary_dim + j + rest // 2) for j in range(rest // 2)]
 
 
-def pair_rotations(kwargs: dict[str, Any], pairs: list[tuple[int, int]], rotary_dim: int) -> torch.Tensor:
+def pair_rotations(kwargs: dict[str, Any], pairs: Sequence[tuple[int, int]], rotary_dim: int) -> torch.Tensor:
     """Per pair, the angle (rad) it rotates over the calibration window, read from the layer's own
     rotary tables (so scaled RoPE variants are covered); 0 for dimensions outside the rotary part."""
     tables = kwargs.get("position_embeddings")
     if not isinstance(tables, tuple) or len(tables) != 2:
         raise GQAConvertError(
             "the frequency-aware K merge reads the layer's rotary tables, which this model does not pass "
-            "to its layers: use key_merge='complex' (--key-merge complex)"
+            "to its layers: use a recipe whose aligned.key_merge is complex (e.g. --recipe closed-form)"
         )
     cos, sin = (table.reshape(-1, table.shape[-2], table.shape[-1])[0].double() for table in tables)
     length = cos.shape[0]
@@ -79,7 +81,7 @@ def _query_energy(attention: Attention, moment: torch.Tensor) -> torch.Tensor:
 
 
 def merge_keys_complex(
-    attention: Attention, moment: torch.Tensor, groups: Groups, readers: Readers, pairs: list[tuple[int, int]]
+    attention: Attention, moment: torch.Tensor, groups: Groups, readers: Readers, pairs: Sequence[tuple[int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New K heads (G, hd, d) and new query heads (nh, hd, d): the complex merge on every pair."""
     width = _width(attention, attention.k_bias)

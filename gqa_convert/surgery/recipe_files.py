@@ -1,0 +1,98 @@
+"""A recipe by name or from a user's YAML file, and a recipe written out as YAML.
+
+A recipe file holds the keys of gqa_convert.surgery.recipes.Recipe; its sections (calibration,
+aligned, refine) are mappings of their own keys. Read with yaml.safe_load only; unknown keys, wrong
+types, nan and out-of-range values are refused with one line that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gqa_convert.errors import GQAConvertError, one_line
+from gqa_convert.surgery.recipes import RECIPES, SECTIONS, Recipe
+
+MAX_RECIPE_BYTES = 64 << 10  # a recipe is a few lines
+
+
+def load_recipe(given: str) -> Recipe:
+    """A built-in recipe's name, or a recipe YAML file."""
+    if given in RECIPES:
+        return RECIPES[given]
+    path = Path(given)
+    if not path.exists():
+        if path.suffix.lower() in (".yaml", ".yml") or "/" in given or "\\" in given:
+            raise GQAConvertError(f"recipe file {given} not found")
+        raise GQAConvertError(
+            f"unknown recipe '{given}': choose one of {', '.join(RECIPES)} (gqa-convert recipes lists them) "
+            "or give a recipe YAML file"
+        )
+    if path.is_dir():
+        raise GQAConvertError(f"recipe {given} is a folder: give a recipe YAML file")
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise GQAConvertError(
+                f"recipe {given} is {path.stat().st_size:,} bytes: a recipe is a few lines of YAML "
+                f"(at most {MAX_RECIPE_BYTES:,} bytes)"
+            )
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise GQAConvertError(f"recipe {given} is not UTF-8 text: give a recipe YAML file") from None
+    except OSError as error:
+        raise GQAConvertError(f"cannot read recipe {given}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise GQAConvertError(f"recipe {given} is not valid YAML{where}: {one_line(problem)}") from None
+    if data is None:
+        raise GQAConvertError(
+            f"recipe {given} is empty: write its keys (gqa-convert recipes aligned prints a recipe to start from)"
+        )
+    return recipe_from_mapping(data, origin=f"recipe {given}", default_name=path.stem)
+
+
+def recipe_from_mapping(data: Any, *, origin: str, default_name: str) -> Recipe:
+    """A Recipe from parsed YAML, every key checked; errors name `origin` and the key."""
+    top = _mapping(data, origin, {field.name for field in dataclasses.fields(Recipe)})
+    values: dict[str, Any] = {"name": default_name, **top}
+    for section, options_class in SECTIONS.items():
+        if section in top:
+            known = {field.name for field in dataclasses.fields(options_class)}
+            given = _mapping(top[section] if top[section] is not None else {}, f"{origin}, {section}", known)
+            values[section] = _built(options_class, given, f"{origin}, {section}")
+    return _built(Recipe, values, origin)
+
+
+def _mapping(data: Any, origin: str, known: set[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise GQAConvertError(
+            f"{origin} must be a mapping of keys to values, not {type(data).__name__}: {_shown(data)}"
+        )
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise GQAConvertError(f"{origin}: unknown key {_shown(unknown[0])}; the keys are {', '.join(sorted(known))}")
+    return data
+
+
+def _built(options_class: type, values: dict[str, Any], origin: str) -> Any:
+    try:
+        return options_class(**values)
+    except GQAConvertError as error:
+        raise GQAConvertError(f"{origin}: {error}") from None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The recipe as a YAML file a user can copy and edit (the sections its method and grouping read)."""
+    return yaml.safe_dump(recipe.as_dict(every_section=False), sort_keys=False, allow_unicode=True)
