@@ -13,13 +13,27 @@ import transformers
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
+from gqa_convert.surgery.options import PoolOptions
+from gqa_convert.surgery.recipes import RECIPES, Recipe
 
 from tiny_models import save_tiny_tokenizer, tiny_config
 
 runner = CliRunner()
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
-# the closed-form merge before the frequency-aware K, attended V, o_proj solve and sequential calibration
-PLAIN = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False)
+
+
+def calibrated(kv_heads: int, recipe: object = "aligned", data: tuple = (SAMPLE,), **options: object) -> PoolOptions:
+    """pool's options for a calibrated recipe on a tiny model: 1024 tokens of the sample text in windows
+    of 64 unless given."""
+    values = {"calib_tokens": 1024, "calib_seq_len": 64, **options}
+    return PoolOptions(kv_heads=kv_heads, recipe=recipe, calib_data=tuple(map(str, data)), **values)
+
+
+def with_settings(name: str, **sections: dict) -> Recipe:
+    """A built-in recipe with some settings of its sections changed."""
+    recipe = RECIPES[name]
+    changed = {section: getattr(recipe, section).replace(**values) for section, values in sections.items()}
+    return recipe.replace(name=f"{name}-changed", **changed)
 
 
 def fails(args: list, *expected: str) -> str:
@@ -77,3 +91,19 @@ def build_calibratable(folder: Path, model_type: str, **overrides) -> transforme
             parameter.normal_(0.0, 0.1)
     model.save_pretrained(folder)
     return model
+
+
+def save_byte_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
+    """A byte-level tokenizer (one token per byte, no merges): the same ids on every tokenizers version."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", "</s>", *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(folder)
+    return fast

@@ -1,6 +1,6 @@
 """The parts of the aligned recipe on tiny models: the frequency-aware K merge undoes what the complex
 merge cannot, sequential calibration feeds each layer the merged layers' outputs, mixed calibration
-texts are interleaved, the calibration device and the options are checked."""
+texts are interleaved, the statistics equal independent computations, the device is checked."""
 
 from __future__ import annotations
 
@@ -13,14 +13,13 @@ import pytest
 import torch
 import transformers
 
+from gqa_convert.calibration import CalibrationStream, CalibrationText, calibration_ids
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import open_checkpoint
-from gqa_convert.surgery.calibration.activations import calibration_ids
-from gqa_convert.surgery.calibration.sequential import run_layers
 from gqa_convert.surgery.convert import expand, pool
-from gqa_convert.surgery.options import Calibration, PoolOptions
+from gqa_convert.surgery.recipes import RECIPES
 
-from helpers import PLAIN, SAMPLE, fails, runner
+from helpers import SAMPLE, calibrated, fails, runner, with_settings
 from helpers import build_calibratable as build
 from tiny_models import load, logits
 
@@ -58,8 +57,8 @@ def test_frequency_aware_keys_undo_a_mix_the_complex_merge_cannot(tmp_path):
     reference = logits(mixed)
     errors = {}
     for key_merge in ("complex", "frequency"):
-        settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, **{**PLAIN, "key_merge": key_merge})
-        pool(tmp_path / "mixed", tmp_path / key_merge, PoolOptions(kv_heads=2, method="aligned", calibration=settings))
+        recipe = with_settings("closed-form", aligned=dict(key_merge=key_merge))
+        pool(tmp_path / "mixed", tmp_path / key_merge, calibrated(2, recipe))
         errors[key_merge] = float((logits(load(tmp_path / key_merge)) - reference).pow(2).mean().sqrt())
     assert errors["frequency"] * 5 < errors["complex"], errors
 
@@ -88,24 +87,39 @@ ROPE_PAIRS = {
 }
 
 
-def key_only_errors(model_dir, settings: Calibration) -> list[float]:
+def text(*data, tokens: int = 512, seq_len: int = 64) -> CalibrationText:
+    return CalibrationText("user", tuple(map(str, data or (SAMPLE,))), tokens, seq_len)
+
+
+def key_only_errors(model_dir, key_merge: str) -> list[float]:
     """Per layer, the relative attention-output error of the K merge alone (V and o_proj kept) to one
     kv head per pair of heads, on the calibration inputs: sensitive where logits of a tiny model are not."""
-    from gqa_convert.surgery.calibration.aligned import aligned_merge
-    from gqa_convert.surgery.calibration.plans import read_attention
-    from gqa_convert.surgery.calibration.trials import attention_error, attention_state
+    from gqa_convert.surgery.aligned import (
+        AlignedSettings,
+        LayerInputs,
+        attention_state,
+        merge_key_side,
+        read_attention,
+    )
+    from gqa_convert.surgery.aligned.linalg import repeat_by_group
+    from gqa_convert.surgery.aligned.trials import attention_error
+    from gqa_convert.surgery.calibrated import rope_pairs
     from gqa_convert.surgery.plan import HeadPlan
 
     checkpoint = open_checkpoint(model_dir)
     plan = HeadPlan(4, 4, ((0, 1), (2, 3)), 16)
+    pairs, rotary = rope_pairs(checkpoint)
+    ids = calibration_ids(checkpoint, text())
+    stream = CalibrationStream(checkpoint, ids, device="cpu", sequential=False, attended="none")
     errors = []
-
-    def visit(layer):
-        attention = read_attention(checkpoint, layer.index, plan)[0]
-        merged = aligned_merge(attention, layer, plan.groups, plan.readers(), settings, sides=("k",))
-        errors.append(attention_error(layer, attention_state(merged.attention, layer.projections), len(layer.calls)))
-
-    run_layers(checkpoint, calibration_ids(checkpoint, settings), settings, key_norm=False, visit=visit)
+    for index in range(stream.num_layers):
+        statistics = stream.collect(index)
+        attention = read_attention(checkpoint, index, plan)[0]
+        inputs = LayerInputs(attention, statistics, plan, pairs, rotary, False, {})
+        k, q, _ = merge_key_side(inputs, AlignedSettings(key_merge=key_merge))
+        merged = dataclasses.replace(attention, q=q, k=repeat_by_group(k, plan.groups, plan.old_kv))  # V kept
+        errors.append(attention_error(inputs, attention_state(merged, statistics.projections), len(statistics.calls)))
+        stream.advance(None)
     return errors
 
 
@@ -118,16 +132,14 @@ def test_heads_that_differ_by_a_rotation_per_rope_pair_merge_exactly(tmp_path, m
     torch.testing.assert_close(logits(rotated), logits(original), atol=2e-3, rtol=2e-3)  # the same function
     rotated.save_pretrained(tmp_path / "rotated")
     transformers.AutoTokenizer.from_pretrained(tmp_path / "src").save_pretrained(tmp_path / "rotated")
-    complex_only = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, **PLAIN)
-    assert max(key_only_errors(tmp_path / "rotated", complex_only)) < 1e-9  # a wrong pairing: 1e-6 .. 1e-5
-    assert max(key_only_errors(tmp_path / "mha", dataclasses.replace(complex_only, key_merge="frequency"))) < 1e-9
-    settings = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)
-    pool(tmp_path / "rotated", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=settings))
+    assert max(key_only_errors(tmp_path / "rotated", "complex")) < 1e-9  # a wrong pairing: 1e-6 .. 1e-5
+    assert max(key_only_errors(tmp_path / "mha", "frequency")) < 1e-9
+    pool(tmp_path / "rotated", tmp_path / "back", calibrated(2))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
 
 def test_sequential_calibration_sees_the_merged_layers_outputs(tmp_path):
-    """A visitor that halves layer 0's o_proj: with sequential calibration layer 1's attention inputs
+    """A "merge" that halves layer 0's o_proj: with sequential calibration layer 1's attention inputs
     are those of the model so changed (computed here by transformers), without it the source's; the
     targets are the source's attention outputs either way."""
     source = build(tmp_path / "src", "llama")
@@ -136,16 +148,13 @@ def test_sequential_calibration_sees_the_merged_layers_outputs(tmp_path):
     with torch.no_grad():
         changed.model.layers[0].self_attn.o_proj.weight.mul_(0.5)
     for sequential, model in ((True, changed), (False, source)):
-        settings = Calibration(data=str(SAMPLE), tokens=256, seq_len=64, sequential=sequential, device="cpu")
-        ids = calibration_ids(checkpoint, settings)
+        ids = calibration_ids(checkpoint, text(tokens=256))
+        stream = CalibrationStream(checkpoint, ids, device="cpu", sequential=sequential, attended="none")
         seen = {}
-
-        def visit(layer, seen=seen):
-            seen[layer.index] = layer
-            weight = layer.module.o_proj.weight
-            return {"o_proj.weight": weight * 0.5} if layer.index == 0 else None
-
-        run_layers(checkpoint, ids, settings, key_norm=False, visit=visit)
+        for index in range(stream.num_layers):
+            seen[index] = statistics = stream.collect(index)
+            weight = statistics.module.o_proj.weight
+            stream.advance({"o_proj.weight": weight * 0.5} if index == 0 else None)
         with torch.no_grad():
             states = model(input_ids=ids[:4], output_hidden_states=True).hidden_states
             expected = model.model.layers[1].input_layernorm(states[1])
@@ -163,11 +172,8 @@ def test_sequential_calibration_sees_the_merged_layers_outputs(tmp_path):
 def test_calibration_texts_are_shared_and_interleaved(tmp_path):
     build(tmp_path / "src", "llama")
     checkpoint = open_checkpoint(tmp_path / "src")
-    mixed = Calibration(data=str(SAMPLE), extra_data=(str(TECHNICAL),), tokens=512, seq_len=64)
-    ids = calibration_ids(checkpoint, mixed)
-    alone = [
-        calibration_ids(checkpoint, Calibration(data=str(text), tokens=256, seq_len=64)) for text in (SAMPLE, TECHNICAL)
-    ]
+    ids = calibration_ids(checkpoint, text(SAMPLE, TECHNICAL))
+    alone = [calibration_ids(checkpoint, text(data, tokens=256)) for data in (SAMPLE, TECHNICAL)]
     assert ids.shape == (8, 64)
     torch.testing.assert_close(ids[0::2], alone[0])
     torch.testing.assert_close(ids[1::2], alone[1])
@@ -176,18 +182,25 @@ def test_calibration_texts_are_shared_and_interleaved(tmp_path):
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"key_merge": "rotary"}, "choose one of: frequency, complex"),
-        ({"value_moment": "attention"}, "choose one of: per-head, attended, plain"),
-        ({"band_angle": 0.0}, "--band-angle must be positive"),
-        ({"output_ridges": (0.3, -1.0)}, "--output-ridge must be at least 0"),
-        ({"output_ridges": ()}, "--output-ridge must be at least 0"),
-        ({"device": "tpu"}, "choose auto, cpu, cuda or cuda:N"),
-        ({"device": "cpu:1"}, "choose auto, cpu, cuda or cuda:N"),
+        ({"key_merge": "rotary"}, "key_merge 'rotary' is not known: choose one of frequency, complex"),
+        ({"value_moment": "attention"}, "choose one of per-head, attended, plain"),
+        ({"band_angle": 0.0}, "band_angle must be greater than 0"),
+        ({"output_ridges": (0.3, -1.0)}, "output_ridges must be at least 0"),
+        ({"output_ridges": ()}, "output_ridges must not be empty"),
     ],
 )
-def test_bad_calibration_settings_are_refused(setting, message):
-    with pytest.raises(GQAConvertError, match=message.replace("-", "\\-")):
-        Calibration(data=str(SAMPLE), **setting)
+def test_bad_aligned_settings_are_refused(setting, message):
+    from gqa_convert.surgery.aligned import AlignedSettings
+
+    with pytest.raises(GQAConvertError) as raised:
+        AlignedSettings(**setting)
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cpu:1", "auto:0"])
+def test_unknown_devices_are_refused(device):
+    with pytest.raises(GQAConvertError, match="choose auto, cpu, cuda or cuda:N"):
+        calibrated(1, device=device)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where no GPU is visible")
@@ -198,27 +211,31 @@ def test_cuda_without_a_gpu_is_refused_on_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_explicit_cpu_device_and_recipe_flags_from_the_cli(tmp_path):
-    """--device cpu and the recipe's flags reach the library (recorded in the provenance); the old
-    closed-form merge through the flags gives the same tensors as through the Python options."""
+def test_recipe_and_device_from_the_cli_reach_the_library_and_the_provenance(tmp_path):
+    """--recipe closed-form --device cpu from the CLI: the provenance records the resolved recipe and the
+    device, and the tensors equal those of the Python options; a recipe file's settings are recorded."""
     build(tmp_path / "src", "llama")
-    args = ["pool", str(tmp_path / "src"), "-g", "1", "--method", "aligned", "--calib-data", str(SAMPLE)]
+    args = ["pool", str(tmp_path / "src"), "-g", "1", "--calib-data", str(SAMPLE)]
     args += ["--calib-tokens", "512", "--calib-seq-len", "64", "--device", "cpu"]
-    old = ["--key-merge", "complex", "--value-moment", "plain", "--no-output-solve", "--no-calib-sequential"]
-    result = runner.invoke(__import__("gqa_convert.cli").cli.app, [*args, *old, "-o", str(tmp_path / "cli")])
+    app = __import__("gqa_convert.cli").cli.app
+    result = runner.invoke(app, [*args, "--recipe", "closed-form", "-o", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "cli" / "gqa_convert.json").read_text())
-    calibration = next(value for key, value in _walk(recorded) if key == "calibration")
-    assert calibration["device"] == "cpu" and calibration["key_merge"] == "complex"
-    assert calibration["output_ridges"] is None and calibration["sequential"] is False
-    ridges = ["--output-ridge", "0.5", "--output-ridge", "2"]
-    result = runner.invoke(__import__("gqa_convert.cli").cli.app, [*args, *ridges, "-o", str(tmp_path / "ridges")])
+    assert recorded["calibration"]["device"] == "cpu" and recorded["recipe"]["name"] == "closed-form"
+    assert (
+        recorded["recipe"]["aligned"]["key_merge"] == "complex"
+        and recorded["recipe"]["aligned"]["output_ridges"] is None
+    )
+    assert recorded["recipe"]["calibration"] == {"text": "user", "tokens": 512, "seq_len": 64, "sequential": False}
+    file = tmp_path / "ridges.yaml"
+    file.write_text("method: aligned\naligned:\n  output_ridges: [0.5, 2]\n")
+    result = runner.invoke(app, [*args, "--recipe", str(file), "-o", str(tmp_path / "ridges")])
     assert result.exit_code == 0, result.output
-    recorded = json.loads((tmp_path / "ridges" / "gqa_convert.json").read_text())
-    calibration = next(value for key, value in _walk(recorded) if key == "calibration")
-    assert calibration["output_ridges"] == [0.5, 2.0] and calibration["value_moment"] == "per-head"
-    settings = Calibration(data=str(SAMPLE), tokens=512, seq_len=64, device="cpu", **PLAIN)
-    pool(tmp_path / "src", tmp_path / "api", PoolOptions(kv_heads=1, method="aligned", calibration=settings))
+    recorded = json.loads((tmp_path / "ridges" / "gqa_convert.json").read_text())["recipe"]
+    assert recorded["name"] == "ridges" and recorded["aligned"]["output_ridges"] == [0.5, 2.0]
+    assert recorded["aligned"]["value_moment"] == "per-head"
+    options = calibrated(1, RECIPES["closed-form"], calib_tokens=512, device="cpu")
+    pool(tmp_path / "src", tmp_path / "api", options)
     torch.testing.assert_close(logits(load(tmp_path / "cli")), logits(load(tmp_path / "api")), atol=0, rtol=0)
     assert not math.isnan(float(logits(load(tmp_path / "cli")).sum()))
 
@@ -231,7 +248,7 @@ def _walk(record):
 
 
 def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_improves():
-    from gqa_convert.surgery.calibration.output import OutputMoments, solve_output
+    from gqa_convert.surgery.aligned.output import OutputMoments, solve_output
 
     generator = torch.Generator().manual_seed(0)
     features = [torch.randn(2, 32, 12, generator=generator) for _ in range(4)]
@@ -256,7 +273,7 @@ def test_output_solve_fits_o_proj_and_keeps_it_only_where_the_held_out_check_imp
 def test_cholesky_of_a_moment_made_indefinite_by_rounding():
     """A rank-deficient moment nudged below zero in its null space (what float32 accumulation does)
     factorizes with a grown ridge that stays small; a truly indefinite matrix still raises."""
-    from gqa_convert.surgery.calibration.linalg import cholesky
+    from gqa_convert.surgery.aligned.linalg import cholesky
 
     generator = torch.Generator().manual_seed(0)
     data = torch.randn(8, 32, generator=generator, dtype=torch.float64)
@@ -288,7 +305,7 @@ def _value_problem(heads: int = 3, d_out: int = 7, hd: int = 2, width: int = 5, 
 def test_shared_value_solve_matches_the_dense_normal_equations():
     """solve_shared's conjugate gradients against an independent dense solve of
     sum_h (M_h kron P_h) vec(W) = vec(sum_h C_h^T A_h M_h)."""
-    from gqa_convert.surgery.calibration.values import solve_shared
+    from gqa_convert.surgery.aligned.values import solve_shared
 
     targets, moments, start = _value_problem()
     blocks = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -304,7 +321,7 @@ def test_shared_value_solve_matches_the_dense_normal_equations():
 def test_alternating_value_merge_only_lowers_the_per_head_objective():
     """Every round of the alternation lowers sum_h ||(A_h - C_h W) L_h||^2, and the start (the
     closed form's W) is never beaten by the blocks alone."""
-    from gqa_convert.surgery.calibration import values
+    from gqa_convert.surgery.aligned import values
 
     targets, moments, shared = _value_problem(heads=4, d_out=9, hd=3, width=8, seed=2)
     blocks = values.best_blocks(targets, moments, shared)
@@ -322,16 +339,14 @@ def test_alternating_value_merge_only_lowers_the_per_head_objective():
 
 
 def test_per_head_attended_moments_match_transformers_attention_in_float64(tmp_path):
-    """Each query head's attended moment sum_m z_h,m z_h,m^T (z_h,m = sum_n a_h(m, n) [x_n, 1]) against an
-    independent float64 computation from transformers' own eager attention probabilities."""
+    """Each query head's attended moment sum_m z_h,m z_h,m^T (z_h,m = sum_n a_h(m, n) [x_n, 1]), shrunk
+    toward their average by w / (w + tokens), and the average, against an independent float64
+    computation from transformers' own eager attention probabilities."""
     build(tmp_path / "src", "llama")
     checkpoint = open_checkpoint(tmp_path / "src")
-    settings = Calibration(data=str(SAMPLE), tokens=256, seq_len=64, device="cpu", value_moment="per-head")
-    ids = calibration_ids(checkpoint, settings)
-    seen = {}
-    run_layers(
-        checkpoint, ids, settings, key_norm=False, visit=lambda layer: seen.setdefault(layer.index, layer) and None
-    )
+    ids = calibration_ids(checkpoint, text(tokens=256))
+    stream = CalibrationStream(checkpoint, ids, device="cpu", sequential=True, attended="per-head")
+    statistics = stream.collect(0)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", attn_implementation="eager")
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
@@ -339,16 +354,21 @@ def test_per_head_attended_moments_match_transformers_attention_in_float64(tmp_p
     x = torch.cat([x, torch.ones(*x.shape[:-1], 1, dtype=x.dtype)], dim=-1)
     z = out.attentions[0].double() @ x[:, None]  # (B, nh, T, d + 1)
     expected = torch.einsum("bhti,bhtj->hij", z, z)
-    found = seen[0].attended
-    assert found.dtype == torch.float64 and found.shape == expected.shape
-    torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    weight = x.shape[-1] / (x.shape[-1] + statistics.tokens)
+    shrunk = (1 - weight) * expected + weight * expected.mean(0)
+    found = statistics.attended_per_head
+    assert found.dtype == torch.float64 and found.shape == expected.shape and statistics.tokens == 256
+    torch.testing.assert_close(found, shrunk, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        statistics.attended, expected.mean(0), rtol=1e-4, atol=1e-4 * float(expected.abs().max())
+    )
 
 
 def test_per_head_moments_stay_positive_semidefinite_under_an_attention_sink_and_massive_activations():
     """Every head attending almost only to the first token, one input dimension 3000x the others (as in
     trained models): the moments are nearly rank one. Summed in float32 they get negative eigenvalues
     (and the V alternation then diverges); they must be PSD and equal a float64 computation."""
-    from gqa_convert.surgery.calibration.sequential import _statistics
+    from gqa_convert.calibration.statistics import moments
 
     generator = torch.Generator().manual_seed(0)
     batch, heads, length, width = 2, 3, 128, 16
@@ -358,21 +378,23 @@ def test_per_head_moments_stay_positive_semidefinite_under_an_attention_sink_and
     probs[..., 0] += 1 - 1e-3
     probs = probs.tril()
     probs = probs / probs.sum(-1, keepdim=True)
-    _, _, _, found = _statistics(lambda hidden_states: (None, probs), [(hidden, {}, None)], "per-head")
+    _, _, tokens, _, found = moments(lambda hidden_states: (None, probs), [(hidden, {}, None)], "per-head")
     x = torch.cat([hidden, torch.ones(batch, length, 1)], -1).double()
     z = probs.double() @ x[:, None]
     expected = torch.einsum("bhti,bhtj->hij", z, z)
+    weight = (width + 1) / (width + 1 + tokens)
+    expected = (1 - weight) * expected + weight * expected.mean(0)  # shrunk toward the average
     torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     eigenvalues = torch.linalg.eigvalsh(found)
     assert bool((eigenvalues.min(-1).values >= -1e-15 * eigenvalues.max(-1).values).all())
-    _, _, _, averaged = _statistics(lambda hidden_states: (None, probs), [(hidden, {}, None)], "attended")
+    _, _, _, averaged, _ = moments(lambda hidden_states: (None, probs), [(hidden, {}, None)], "averaged")
     torch.testing.assert_close(averaged, expected.mean(0), rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     eigenvalues = torch.linalg.eigvalsh(averaged)
     assert float(eigenvalues.min()) >= -1e-15 * float(eigenvalues.max())
 
 
 def test_per_head_moments_shrink_toward_their_average_as_tokens_get_few():
-    from gqa_convert.surgery.calibration.values import shrink_moments_
+    from gqa_convert.calibration.statistics import shrink_moments_
 
     def shrink_moments(moments, tokens):
         return shrink_moments_(moments.clone(), tokens)

@@ -12,14 +12,12 @@ import transformers
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.surgery.convert import expand, pool
-from gqa_convert.surgery.options import Calibration, PoolOptions
+from gqa_convert.surgery.options import PoolOptions
+from gqa_convert.surgery.recipes import RECIPES
 
-from helpers import PLAIN, SAMPLE, fails
+from helpers import SAMPLE, calibrated, fails, with_settings
 from helpers import build_calibratable as build
 from tiny_models import load, logits, save_tiny_tokenizer
-
-CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)  # the defaults: the full recipe
-
 
 ARCHITECTURES = ["llama", "qwen2", "phi", "stablelm", "olmo2", "qwen3", "gemma2", "mistral"]
 # phi without its q/k norms: partial rotary (a band of non-rotary dimensions) with biases;
@@ -38,7 +36,7 @@ def test_aligned_merge_of_copied_heads_is_exact(tmp_path, model_type, overrides)
     expand(tmp_path / "src", tmp_path / "mha")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # k-norm models warn that K is mean-pooled
-        pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=2, method="aligned", calibration=CALIBRATION))
+        pool(tmp_path / "mha", tmp_path / "back", calibrated(2))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
 
@@ -60,6 +58,7 @@ def shuffle_heads(model: transformers.PreTrainedModel, order: list[int]) -> None
 
 @pytest.mark.parametrize("method", ["mean", "aligned"])
 def test_similarity_grouping_recovers_shuffled_heads(tmp_path, method):
+    recipe = RECIPES["aligned-similarity"] if method == "aligned" else RECIPES["mean"].replace(grouping="similarity")
     original = build(tmp_path / "src", "llama", num_attention_heads=8, num_key_value_heads=4)
     reference = logits(original)
     expand(tmp_path / "src", tmp_path / "mha")
@@ -71,35 +70,30 @@ def test_similarity_grouping_recovers_shuffled_heads(tmp_path, method):
 
     pool(tmp_path / "shuffled", tmp_path / "contiguous", PoolOptions(kv_heads=4))
     assert not torch.allclose(logits(load(tmp_path / "contiguous")), reference, atol=1e-2)  # the test can fail
-    pool(
-        tmp_path / "shuffled",
-        tmp_path / "similar",
-        PoolOptions(kv_heads=4, method=method, grouping="similarity", calibration=CALIBRATION),
-    )
+    pool(tmp_path / "shuffled", tmp_path / "similar", calibrated(4, recipe))
     torch.testing.assert_close(logits(load(tmp_path / "similar")), reference, atol=2e-3, rtol=2e-3)
 
 
 def test_calibration_input_is_checked(tmp_path):
     build(tmp_path / "src", "llama")
     out = tmp_path / "out"
-    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned"], "--calib-data")
-    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--refine-target", "block"], "--refine-target", "--calib-data")
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned"], "recipe aligned", "--calib-data")
+    fails(["pool", tmp_path / "src", "-o", out, "-g", 1, "--recipe", "aligned-refined"], "--calib-data FILE")
     fails(
         ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "no.txt"],
         "data not found",
     )
     (tmp_path / "short.txt").write_text("Too little text to calibrate anything.")
-    fails(
-        ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "short.txt"],
-        "calibration needs at least",
-    )
+    args = ["pool", tmp_path / "src", "-o", out, "-g", 1, "--method", "aligned", "--calib-data", tmp_path / "short.txt"]
+    fails([*args, "--calib-seq-len", 64], "calibration needs at least")
+    fails(args, "--calib-seq-len 512 is above the model's 256 positions")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_aligned_refuses_fused_projections(tmp_path):
     build(tmp_path / "src", "phi3")
-    with pytest.raises(GQAConvertError, match="use --method mean"):
-        pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, method="aligned", calibration=CALIBRATION))
+    with pytest.raises(GQAConvertError, match="use --recipe mean"):
+        pool(tmp_path / "src", tmp_path / "out", calibrated(1))
     assert not (tmp_path / "out").exists()
 
 
@@ -107,16 +101,14 @@ def test_aligned_refuses_fused_projections(tmp_path):
 def test_refinement_lowers_the_held_out_error_and_keeps_exact_merges(tmp_path, target):
     """Copies merge exactly (nothing to refine); a real merge is refined, the held-out check decides."""
     original = build(tmp_path / "src", "qwen2", num_attention_heads=8, num_key_value_heads=4)
-    plain = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, **PLAIN)  # leaves room to refine
-    refined = Calibration(
-        data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=20, refine_lr=1e-3, refine_target=target, **PLAIN
-    )
+    plain = RECIPES["closed-form"]  # leaves room to refine
+    refined = with_settings("closed-form", refine=dict(steps=20, lr=1e-3, target=target))
     expand(tmp_path / "src", tmp_path / "mha")
-    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=4, method="aligned", calibration=refined))
+    pool(tmp_path / "mha", tmp_path / "back", calibrated(4, refined))
     torch.testing.assert_close(logits(load(tmp_path / "back")), logits(original), atol=2e-3, rtol=2e-3)
 
-    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=plain))
-    pool(tmp_path / "src", tmp_path / "refined", PoolOptions(kv_heads=1, method="aligned", calibration=refined))
+    pool(tmp_path / "src", tmp_path / "plain", calibrated(1, plain))
+    pool(tmp_path / "src", tmp_path / "refined", calibrated(1, refined))
     from transformers import AutoTokenizer
 
     from gqa_convert.data.text import tokenize_text
@@ -140,11 +132,10 @@ def test_block_refinement_brings_the_layer_outputs_closer_to_the_original(tmp_pa
     """The block target fits the residual stream after each layer: on held-out text, the layers'
     outputs move toward the original's (transformers' last hidden state is normed: not compared)."""
     original = build(tmp_path / "src", "llama", num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3)
-    settings = dict(data=str(SAMPLE.parent / "calibration.txt"), tokens=4096, seq_len=64, **PLAIN)
-    plain = Calibration(**settings)
-    pool(tmp_path / "src", tmp_path / "plain", PoolOptions(kv_heads=1, method="aligned", calibration=plain))
-    block = Calibration(**settings, refine_steps=30, refine_lr=1e-3, refine_target="block")
-    pool(tmp_path / "src", tmp_path / "block", PoolOptions(kv_heads=1, method="aligned", calibration=block))
+    data = (SAMPLE.parent / "calibration.txt",)
+    pool(tmp_path / "src", tmp_path / "plain", calibrated(1, "closed-form", data, calib_tokens=4096))
+    block = with_settings("closed-form", refine=dict(steps=30, lr=1e-3, target="block"))
+    pool(tmp_path / "src", tmp_path / "block", calibrated(1, block, data, calib_tokens=4096))
     from transformers import AutoTokenizer
 
     from gqa_convert.data.text import tokenize_text
@@ -162,7 +153,7 @@ def test_refinement_gradient_accumulated_batch_by_batch_is_the_full_batch_one(na
     """One batch's activations in memory at a time, the step of one graph over every batch: against the
     errors written out (the squared error over the targets' squared norm; the mean over all tokens of each
     token's squared error relative to its target's)."""
-    from gqa_convert.surgery.calibration.refine import TARGETS, measure
+    from gqa_convert.surgery.aligned.refine import TARGETS, measure
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8))
@@ -183,34 +174,33 @@ def test_refinement_gradient_accumulated_batch_by_batch_is_the_full_batch_one(na
         torch.testing.assert_close(found, wanted, rtol=1e-5, atol=1e-7)
 
 
-def test_refine_target_is_checked_and_warned_about_when_unused():
-    with pytest.raises(GQAConvertError, match="refine target 'mlp'"):
-        Calibration(data=str(SAMPLE), refine_steps=5, refine_target="mlp")
-    with pytest.warns(UserWarning, match="--refine-target is ignored"):
-        Calibration(data=str(SAMPLE), refine_steps=0, refine_target="attention")
+def test_refine_settings_are_checked_and_warned_about_when_unused():
+    from gqa_convert.surgery.aligned import RefineSettings
+
+    with pytest.raises(GQAConvertError, match="target 'mlp' is not known: choose one of attention, block"):
+        RefineSettings(steps=5, target="mlp")
+    with pytest.warns(UserWarning, match="refine.lr and refine.target are ignored with refine.steps 0"):
+        with_settings("aligned", refine=dict(steps=0, target="attention"))
+    with pytest.warns(UserWarning, match="its refine settings are not used by method mean"):
+        RECIPES["mean"].replace(refine=RefineSettings(steps=3))
 
 
-def test_refinement_defaults_to_the_block_target_on_a_gpu_and_is_skipped_with_a_warning_on_a_cpu():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resolved = Calibration(data=str(SAMPLE), device="cpu").resolved()
-    assert [str(w.message) for w in caught if "--refine-steps 100 runs it here" in str(w.message)]
-    assert len(caught) == 1, [str(w.message) for w in caught]  # that one warning, nothing else
-    assert (resolved.refine_steps, resolved.refine_target, resolved.device) == (0, None, "cpu")
-    assert Calibration(data=str(SAMPLE), device="cpu", refine_steps=3).resolved().refine_target == "block"
+def test_recipes_run_the_same_on_every_device():
+    """A recipe means the same everywhere: aligned does not refine, aligned-refined refines 100 steps
+    toward the block's output, on a CPU as on a GPU (no setting depends on the device)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chosen = Calibration(data=str(SAMPLE), device="cpu", refine_steps=7, refine_target="attention").resolved()
-    assert (chosen.refine_steps, chosen.refine_target) == (7, "attention")
-    if torch.cuda.is_available():
-        assert Calibration(data=str(SAMPLE), device="cuda").resolved().refine_steps == 100
+        for device in ("cpu", "auto"):
+            assert calibrated(1, "aligned", device=device).resolved_recipe.refine.steps == 0
+            refined = calibrated(1, "aligned-refined", device=device).resolved_recipe.refine
+            assert (refined.steps, refined.target, refined.lr) == (100, "block", 3e-4)
 
 
 def test_refinement_of_a_model_with_kv_dependent_k_norms_is_skipped_with_a_warning(tmp_path):
     """olmo2 normalises K over all kv heads at once: the merged norm is not a tensor refinement fits,
     so each layer's refinement is skipped (named in a warning) and the output still loads."""
     build(tmp_path / "src", "olmo2", num_attention_heads=8, num_key_value_heads=4)
-    calibration = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64, refine_steps=2)
+    recipe = with_settings("aligned", refine=dict(steps=2))
     with pytest.warns(UserWarning, match="refinement skipped for model.layers.0.*k_norm"):
-        pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, method="aligned", calibration=calibration))
+        pool(tmp_path / "src", tmp_path / "out", calibrated(1, recipe))
     assert load(tmp_path / "out").config.num_key_value_heads == 1

@@ -494,7 +494,8 @@ def test_a_malformed_jsonl_line_is_one_line_naming_the_file(trainable, tmp_path)
     out = tmp_path / "out"
     refused(["eval", trainable, "--data", data, "--seq-len", 32], f"{data} could not be read")
     refused(["uptrain", trainable, "-o", out, "--data", data, "--seq-len", 32, "--tokens", 256], "rows.jsonl", out=out)
-    refused(["pool", trainable, "-o", out, "-g", 1, "--method", "aligned", "--calib-data", data], "rows.jsonl", out=out)
+    calibration = ["--calib-data", data, "--calib-seq-len", 32]
+    refused(["pool", trainable, "-o", out, "-g", 1, "--method", "aligned", *calibration], "rows.jsonl", out=out)
 
 
 def test_a_negative_learning_rate_writes_nothing(trainable, tmp_path):

@@ -13,13 +13,16 @@ import pytest
 import typer.main
 
 from gqa_convert.benchmark import BenchOptions
+from gqa_convert.calibration import CalibrationSettings
 from gqa_convert.cli import app
 from gqa_convert.data.tokenize import TokenizeOptions
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EvalOptions
 from gqa_convert.inspection import InspectOptions
 from gqa_convert.options import Options, cli_fields, flag_name, spec_of
-from gqa_convert.surgery.options import Calibration, ExpandOptions, PoolOptions
+from gqa_convert.surgery.aligned import AlignedSettings, RefineSettings
+from gqa_convert.surgery.options import ExpandOptions, PoolOptions
+from gqa_convert.surgery.recipes import Recipe
 from gqa_convert.train.settings import TrainSettings
 
 from helpers import fails
@@ -28,11 +31,12 @@ REQUIRED = {
     TrainSettings: dict(model="m", out="o", data="d"),
     TokenizeOptions: dict(tokenizer="t"),
     PoolOptions: dict(kv_heads=1),
-    Calibration: dict(data="calib.txt"),
+    Recipe: dict(name="mine"),
 }
-CLASSES = [TrainSettings, TokenizeOptions, PoolOptions, ExpandOptions, Calibration, EvalOptions, BenchOptions]
-CLASSES += [InspectOptions]
+CLASSES = [TrainSettings, TokenizeOptions, PoolOptions, ExpandOptions, EvalOptions, BenchOptions, InspectOptions]
+CLASSES += [Recipe, CalibrationSettings, AlignedSettings, RefineSettings]
 COMMANDS = {
+    "pool": PoolOptions,
     "uptrain": TrainSettings,
     "tokenize": TokenizeOptions,
     "expand": ExpandOptions,
@@ -59,6 +63,8 @@ def hostile_values(field: dataclasses.Field, kind: object) -> list[object]:
         return [True, math.nan, math.inf, -math.inf, "fast"]
     if "str" in text:
         return [3, b"bytes", ["a"]]
+    if isinstance(kind, type) and issubclass(kind, Options):  # a section of a recipe
+        return [{"a": 1}, "x", 3]
     return []
 
 
@@ -82,7 +88,8 @@ def test_every_field_refuses_values_of_the_wrong_type(cls):
                 build(cls, **{field.name: value})
             message = str(raised.value)
             assert len(message.splitlines()) == 1
-            assert field.name.replace("_", "-") in message or field.name.upper() in message, message
+            named = (field.name.replace("_", "-"), field.name.upper(), field.name)
+            assert any(name in message for name in named), message
             tried += 1
     assert tried >= len(dataclasses.fields(cls))
 
@@ -92,9 +99,13 @@ def test_every_field_refuses_values_of_the_wrong_type(cls):
     [
         (PoolOptions, dict(kv_heads="2"), "--kv-heads must be an integer, not '2'"),
         (PoolOptions, dict(kv_heads=True), "--kv-heads must be an integer, not True"),
-        (Calibration, dict(extra_data="other.txt"), "--extra-data must be a list of strings"),
-        (Calibration, dict(refine_lr=math.nan), "--refine-lr must be a finite number"),
-        (Calibration, dict(tokens=0), "--calib-tokens"),
+        (PoolOptions, dict(calib_data="other.txt"), "--calib-data must be a list of strings"),
+        (PoolOptions, dict(calib_seq_len=1), "--calib-seq-len must be at least 2"),
+        (PoolOptions, dict(recipe=3), "--recipe must be a recipe name, a YAML file or a Recipe, not 3"),
+        (RefineSettings, dict(lr=math.nan), "lr must be a finite number"),
+        (CalibrationSettings, dict(tokens=0), "tokens must be at least 1"),
+        (AlignedSettings, dict(band_angle=math.inf), "band_angle must be a finite number"),
+        (Recipe, dict(calibration={"tokens": 5}), "calibration must be CalibrationSettings"),
         (TrainSettings, dict(num_processes=0), "--num-processes must be at least 1"),
         (TrainSettings, dict(lr=math.inf), "--lr must be a finite number"),
         (TrainSettings, dict(tokens="lots"), "token count 'lots' is not understood"),
@@ -120,7 +131,7 @@ def test_messages_name_the_option_and_the_fix(cls, values, expected):
 def test_values_are_stored_as_declared():
     settings = build(TrainSettings, tokens="2B", original_tokens="2T", eval_tokens="64K")
     assert (settings.tokens, settings.original_tokens, settings.eval_tokens) == (2 * 10**9, 2 * 10**12, 64_000)
-    assert build(Calibration, extra_data=["a.txt", "b.txt"]).extra_data == ("a.txt", "b.txt")
+    assert build(PoolOptions, recipe="aligned", calib_data=["a.txt", "b.txt"]).calib_data == ("a.txt", "b.txt")
     assert build(TrainSettings, lr=1).lr == 1.0 and isinstance(build(TrainSettings, lr=1).lr, float)
     with pytest.raises(GQAConvertError, match="--lr must be greater than 0"):
         build(TrainSettings).replace(lr=0.0)

@@ -13,6 +13,7 @@ from gqa_convert.cli import app
 from gqa_convert.inspection import InspectOptions, inspect_checkpoint
 from gqa_convert.surgery.convert import pool
 from gqa_convert.surgery.options import PoolOptions
+from gqa_convert.surgery.recipes import RECIPES
 
 from tiny_models import build_tiny, load
 
@@ -62,7 +63,10 @@ def test_provenance_and_model_card(tmp_path):
     record = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
     assert record["tool"] == "gqa-convert" and record["method"] == "mean" and record["groups"] == [[0, 1]]
     assert record["kv_heads_before"] == 2 and record["kv_heads_after"] == 1 and record["version"]
+    assert record["recipe"] == RECIPES["mean"].as_dict() and record["recipe"]["name"] == "mean"
+    assert "calibration" not in record  # nothing calibrated
     card = (tmp_path / "out" / "README.md").read_text()
+    assert "recipe `mean`" in card
     assert card.startswith("---\nbase_model: src\n") and "- grouped-query-attention" in card
     assert (tmp_path / "out" / "tokenizer_config.json").exists()  # other non-weight files travel
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -101,34 +105,46 @@ def test_inspect_cli_json_and_table(tmp_path):
 
 
 def test_library_callers_get_the_cli_checks(tmp_path):
-    """Options validate themselves: a setting that would be ignored, or a bad value, is refused."""
+    """Options validate themselves: a contradiction, a missing input or a bad value is refused."""
     from gqa_convert.errors import GQAConvertError
-    from gqa_convert.surgery.options import Calibration
 
-    calibration = Calibration(data=str(tmp_path / "calib.txt"), refine_steps=30)
-    with pytest.raises(GQAConvertError, match="--refine-steps"):
-        PoolOptions(kv_heads=1, method="mean", calibration=calibration)
-    with pytest.raises(GQAConvertError, match="--refine-target"):
-        PoolOptions(
-            kv_heads=1, method="mean", calibration=Calibration(data=str(tmp_path / "c.txt"), refine_target="block")
-        )
+    with pytest.raises(GQAConvertError, match="--method mean contradicts --recipe aligned-refined"):
+        PoolOptions(kv_heads=1, method="mean", recipe="aligned-refined", calib_data=("c.txt",))
     with pytest.raises(GQAConvertError, match="choose one of auto"):
         InspectOptions(cache_dtype="bad")
-    with pytest.raises(GQAConvertError, match="unknown method 'median'"):
+    with pytest.raises(GQAConvertError, match="--method 'median' is not known"):
         PoolOptions(kv_heads=1, method="median")
-    with pytest.raises(GQAConvertError, match="--calib-data"):
-        PoolOptions(kv_heads=1, grouping="similarity")
+    with pytest.raises(GQAConvertError, match="unknown recipe 'median'"):
+        PoolOptions(kv_heads=1, recipe="median")
+    with pytest.raises(GQAConvertError, match=r"recipe aligned-similarity calibrates .*--calib-data"):
+        PoolOptions(kv_heads=1, recipe="aligned-similarity")
     with pytest.raises(GQAConvertError, match="size 'lots'"):
         PoolOptions(kv_heads=1, max_shard_size="lots")
+    with pytest.warns(UserWarning, match="--calib-data, --calib-tokens ignored: recipe mean uses no calibration"):
+        PoolOptions(kv_heads=1, calib_data=("c.txt",), calib_tokens=10)
+
+
+def test_method_is_the_recipe_of_that_name():
+    """--method M is --recipe M; both given agree or are refused; neither: the default recipe."""
+    from gqa_convert.surgery.recipes import DEFAULT_RECIPE
+
+    assert PoolOptions(kv_heads=1).recipe == RECIPES[DEFAULT_RECIPE]
+    for name in ("mean", "first", "random"):
+        assert (
+            PoolOptions(kv_heads=1, method=name).recipe == RECIPES[name] == PoolOptions(kv_heads=1, recipe=name).recipe
+        )
+    both = PoolOptions(kv_heads=1, method="aligned", recipe="aligned-similarity", calib_data=("c.txt",))
+    assert both.recipe == RECIPES["aligned-similarity"]
 
 
 def test_cli_choices_come_from_the_registries():
-    from gqa_convert.surgery.groupings import GROUPINGS
     from gqa_convert.surgery.methods import METHODS
 
     text = runner.invoke(app, ["pool", "--help"], env={"COLUMNS": "300"}).stdout
-    for name in [*METHODS, *GROUPINGS]:
+    for name in METHODS:
         assert name in text
+    listed = runner.invoke(app, ["recipes"]).stdout.splitlines()
+    assert [line.split()[0] for line in listed] == list(RECIPES)
 
 
 @pytest.mark.parametrize("command", ["inspect", "pool", "expand", "uptrain", "eval"])

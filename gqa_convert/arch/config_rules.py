@@ -57,7 +57,10 @@ def kv_heads_of(config: Any, arch: Architecture) -> int:
 
 
 def write_kv_heads(config_dict: dict[str, Any], config: Any, arch: Architecture, kv_heads: int) -> None:
+    """The kv count written by the row's rule, and every field that restates it (none left stale)."""
     KV_CONFIG_RULES[arch.kv_config][1](config_dict, config, arch, kv_heads)
+    for name in arch.kv_mirrors:
+        config_dict[name] = kv_heads
 
 
 def check_head_counts(config: Any, arch: Architecture) -> None:

@@ -63,6 +63,9 @@ class Architecture:
     query_tensors: tuple[QueryTensor, ...]
     kv_config: str = "standard"  # key of arch.config_rules.KV_CONFIG_RULES
     kv_attribute: str = "num_key_value_heads"
+    # other config fields that restate the kv count (the config class derives them; a saved config
+    # carries them too): written alike, so that no reader finds a stale one
+    kv_mirrors: tuple[str, ...] = ()
     # separate projections by role (q, k, v, o) for the calibrated merge; None for fused layouts
     projections: dict[str, str] | None = None
     # norms applied to K after the projection: the calibrated K merge does not commute with them

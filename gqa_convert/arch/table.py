@@ -75,6 +75,7 @@ ARCHITECTURES.update(
             query_tensors=(QueryTensor("self_attention.dense.weight", 1),),
             kv_config="falcon",
             kv_attribute="num_kv_heads",
+            kv_mirrors=("num_key_value_heads",),
         ),
     }
 )

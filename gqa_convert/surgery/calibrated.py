@@ -26,6 +26,20 @@ from gqa_convert.surgery.plan import HeadPlan, query_order_for
 from gqa_convert.surgery.recipes import Recipe
 
 
+def has_key_norm(checkpoint: Checkpoint) -> bool:
+    """Whether K is normalised after its projection (no change of K commutes with that)."""
+    arch = checkpoint.architecture
+    prefix0 = arch.layer_prefix.format(layer=0)
+    return any(name.startswith(prefix0 + norm) for name in checkpoint.tensors for norm in arch.key_norms)
+
+
+def rope_pairs(checkpoint: Checkpoint) -> tuple[tuple[tuple[int, int], ...], int]:
+    """The dimension pairs RoPE rotates together (then the non-rotary ones paired) and the rotary width."""
+    hd = head_dim_of(checkpoint.config)
+    rotary = rotary_dim(checkpoint.config, hd)
+    return tuple(rotary_pairs(hd, rotary, checkpoint.architecture.rotary_interleaved)), rotary
+
+
 def _check_supported(checkpoint: Checkpoint, recipe: Recipe) -> bool:
     """Refuse fused layouts; True when K is normalised after its projection (warned about)."""
     arch = checkpoint.architecture
@@ -39,8 +53,7 @@ def _check_supported(checkpoint: Checkpoint, recipe: Recipe) -> bool:
             f"recipe {recipe.name} (grouping {recipe.grouping}) is not available for {arch.model_type} "
             "(fused projections): use a recipe with contiguous groups, e.g. --recipe mean"
         )
-    prefix0 = arch.layer_prefix.format(layer=0)
-    key_norm = any(name.startswith(prefix0 + norm) for name in checkpoint.tensors for norm in arch.key_norms)
+    key_norm = has_key_norm(checkpoint)
     if key_norm and recipe.merge_method.needs_calibration:
         warnings.warn(
             "this model normalises K after the projection, which a closed-form K merge cannot pass "
@@ -122,9 +135,7 @@ def calibrate_layers(
     attended = ATTENDED_FOR[recipe.aligned.value_moment] if merging else "none"
     sequential = merging and recipe.calibration.sequential
     ids = calibration_ids(checkpoint, text)
-    hd = head_dim_of(checkpoint.config)
-    rotary = rotary_dim(checkpoint.config, hd)
-    pairs = tuple(rotary_pairs(hd, rotary, checkpoint.architecture.rotary_interleaved))
+    pairs, rotary = rope_pairs(checkpoint)
     dtypes = {name: info.dtype for name, info in checkpoint.tensors.items()}
     plans: dict[int, HeadPlan] = {}
     overrides: dict[str, Path] = {}
