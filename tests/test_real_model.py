@@ -85,14 +85,12 @@ def test_mean_pooling_to_mqa_costs_quality_on_the_real_model(tmp_path, mha_folde
 
 def test_aligned_merge_beats_mean_pooling_on_held_out_text(tmp_path, mha_folder):
     """Calibrated on the first 60% of the sample, measured on the rest: aligned must be far better."""
-    from gqa_convert.surgery.options import Calibration
-
     text = SAMPLE_TEXT.read_text()
     cut = text.index("\n", int(len(text) * 0.6)) + 1
     (tmp_path / "calib.txt").write_text(text[:cut])
     (tmp_path / "heldout.txt").write_text(text[cut:])
-    calibration = Calibration(data=str(tmp_path / "calib.txt"), tokens=288, seq_len=96)
-    pool(mha_folder, tmp_path / "aligned", PoolOptions(kv_heads=1, method="aligned", calibration=calibration))
+    calibration = dict(calib_data=(str(tmp_path / "calib.txt"),), calib_tokens=288, calib_seq_len=96)
+    pool(mha_folder, tmp_path / "aligned", PoolOptions(kv_heads=1, recipe="aligned", **calibration))
     pool(mha_folder, tmp_path / "mean", PoolOptions(kv_heads=1))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "aligned")
     ids = tokenize_text(tokenizer, (tmp_path / "heldout.txt").read_text())
