@@ -3,6 +3,9 @@ original logits back, and pooled weights equal a mean computed here from the loa
 
 from __future__ import annotations
 
+import json
+import warnings
+
 import pytest
 import torch
 
@@ -133,3 +136,44 @@ def test_falcon_old_mha_layout_becomes_new_decoder_gqa(tmp_path):
     expand(tmp_path / "gqa", tmp_path / "mha")
     pool(tmp_path / "mha", tmp_path / "gqa2", PoolOptions(kv_heads=2))
     torch.testing.assert_close(logits(load(tmp_path / "gqa2")), logits(gqa), atol=1e-4, rtol=1e-4)
+
+
+KV_FIELDS = ("num_key_value_heads", "num_kv_heads")  # the spellings of a kv count in transformers' configs
+FALCON_LAYOUTS = [
+    ("falcon", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True)),
+    ("falcon", dict(new_decoder_architecture=False, multi_query=False, parallel_attn=True, num_kv_heads=HEADS)),
+]
+
+
+def cached_kv_heads(model) -> int:
+    """The kv heads transformers caches (what a user's memory pays for): one forward with a cache."""
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[3, 4, 5]]), use_cache=True).past_key_values
+    keys = cache.layers[0].keys if hasattr(cache, "layers") else cache[0][0]
+    return keys.shape[1]
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides", [(m, {}) for m in sorted(TINY)] + FALCON_LAYOUTS, ids=lambda v: str(v or "")
+)
+def test_every_kv_count_field_agrees_after_pool_and_expand(tmp_path, model_type, overrides):
+    """The written config.json, the config transformers loads and the cache it allocates all hold the
+    new kv count: no field keeps the source's (Falcon carries two spellings)."""
+    from gqa_convert.arch import ARCHITECTURES
+
+    assert set(TINY) == set(ARCHITECTURES)  # every row of the table is tried here
+    build_tiny(tmp_path / "src", model_type, **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an old-layout MQA Falcon is already at one kv head
+        pool(tmp_path / "src", tmp_path / "pooled", PoolOptions(kv_heads=1))
+        expand(tmp_path / "src", tmp_path / "expanded")
+    for folder, kv in ((tmp_path / "pooled", 1), (tmp_path / "expanded", HEADS)):
+        raw = json.loads((folder / "config.json").read_text())
+        written = {name: raw[name] for name in KV_FIELDS if name in raw}
+        assert written and set(written.values()) == {kv}, (folder.name, written)
+        if raw.get("multi_query") and not raw.get("new_decoder_architecture"):
+            assert kv == 1, raw
+        model = load(folder)
+        loaded = {name: getattr(model.config, name) for name in KV_FIELDS if getattr(model.config, name, None)}
+        assert set(loaded.values()) == {kv}, (folder.name, loaded)
+        assert cached_kv_heads(model) == kv
