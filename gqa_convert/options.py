@@ -174,13 +174,18 @@ def _check_scalar(value: Any, kind: Any, spec: Spec, label: str) -> Any:
     return value
 
 
+def _number(value: float) -> str:
+    """A bound or value as a user types it: whole numbers in full (1048576, not 1.04858e+06)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:g}"
+
+
 def _check_range(value: float, spec: Spec, label: str) -> None:
     if spec.above is not None and not value > spec.above:
-        raise GQAConvertError(f"{label} must be greater than {spec.above:g}, not {value:g}")
+        raise GQAConvertError(f"{label} must be greater than {_number(spec.above)}, not {_number(value)}")
     if spec.min is not None and value < spec.min:
-        raise GQAConvertError(f"{label} must be at least {spec.min:g}, not {value:g}")
+        raise GQAConvertError(f"{label} must be at least {_number(spec.min)}, not {_number(value)}")
     if spec.max is not None and value > spec.max:
-        raise GQAConvertError(f"{label} must be at most {spec.max:g}, not {value:g}")
+        raise GQAConvertError(f"{label} must be at most {_number(spec.max)}, not {_number(value)}")
 
 
 def cli_fields(options: type[Options]) -> list[dataclasses.Field]:

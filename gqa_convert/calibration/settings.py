@@ -9,6 +9,9 @@ from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import FileOptions, option
 
 DEVICES = ("auto", "cpu", "cuda")
+# The calibration holds every window's activations of one layer (teacher's, student's and the layer's
+# outputs): 2^20 tokens of a 7B model's hidden size are about 50 GB.
+MAX_TOKENS = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,7 +24,9 @@ class CalibrationSettings(FileOptions):
         help="where the calibration text comes from: "
         + "; ".join(f"{source.name}: {source.help}" for source in TEXT_SOURCES.values()),
     )
-    tokens: int = option(16384, min=1, help="calibration tokens")
+    tokens: int = option(
+        16384, min=1, max=MAX_TOKENS, help="calibration tokens (every window's activations of a layer are held)"
+    )
     seq_len: int = option(512, min=2, help="calibration window length (use the context length the model will serve)")
     sequential: bool = option(
         True, help="each layer calibrated on the outputs of the merged layers before it (not the source's)"

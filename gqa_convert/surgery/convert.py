@@ -58,6 +58,8 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
         plan = _pool_plan(checkpoint, options)
         details: dict[str, Any] = {"operation": "pool", "method": recipe.method, "grouping": recipe.grouping}
         details.update(recipe=recipe.as_dict(), seed=options.seed)
+        if options.recipe_file:
+            details["recipe_file"] = options.recipe_file
         if text is None:
             return _convert(checkpoint, Path(out), Source(checkpoint, plan, {}, {}), options, details)
         check_seq_len(text.seq_len, checkpoint.config, flag="--calib-seq-len")
@@ -83,8 +85,8 @@ def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = 
 @contextlib.contextmanager
 def _opened_for_output(source: str | Path, out: Path, options: ConversionOptions) -> Iterator[Checkpoint]:
     """OUT checked (before any slow work) and held for this run, then the source opened and checked."""
-    calibration = getattr(options, "calib_data", ())
-    guard_output(out, inputs=[source, *calibration], force=options.force)
+    inputs = options.inputs if isinstance(options, PoolOptions) else ()
+    guard_output(out, inputs=[source, *inputs], force=options.force)
     with output_lock(out):
         yield open_checkpoint(source, revision=options.revision, allow_pickle=options.allow_pickle)
 

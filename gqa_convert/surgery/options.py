@@ -10,6 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 from gqa_convert.calibration import CalibrationText, check_device, resolve_device
+from gqa_convert.calibration.settings import MAX_TOKENS
 from gqa_convert.calibration.texts import token_share
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import Options, option
@@ -53,7 +54,7 @@ class PoolOptions(ConversionOptions):
     """pool: merge the kv heads into kv_heads groups, by a recipe. Once built, `recipe` is a Recipe."""
 
     kv_heads: int = option(help="kv heads after pooling (1 = MQA)", flags=("--kv-heads", "-g"), min=1)
-    recipe: str | Recipe | None = option(None, help=_recipe_help(), parse=load_recipe, metavar="NAME|FILE")
+    recipe: str | Recipe | None = option(None, help=_recipe_help(), metavar="NAME|FILE")
     method: str | None = option(
         None,
         choices=lambda: METHODS,
@@ -65,7 +66,9 @@ class PoolOptions(ConversionOptions):
         "(repeatable: several share the tokens equally)",
         metavar="TEXT",
     )
-    calib_tokens: int | None = option(None, min=1, help="calibration tokens (default: the recipe's, 16384)")
+    calib_tokens: int | None = option(
+        None, min=1, max=MAX_TOKENS, help="calibration tokens (default: the recipe's, 16384)"
+    )
     calib_seq_len: int | None = option(
         None, min=2, help="calibration window (default: the recipe's, 512; use the context the model will serve)"
     )
@@ -75,6 +78,13 @@ class PoolOptions(ConversionOptions):
 
     def check(self) -> None:
         super().check()
+        recipe_file = None  # a recipe file is an input: the output guard keeps it out of OUT
+        if isinstance(self.recipe, str):
+            if not self.recipe:
+                raise GQAConvertError("--recipe must not be empty: give a recipe name or a recipe YAML file")
+            recipe_file = None if self.recipe in RECIPES else self.recipe
+            object.__setattr__(self, "recipe", load_recipe(self.recipe))
+        object.__setattr__(self, "recipe_file", recipe_file)
         if self.recipe is not None and not isinstance(self.recipe, Recipe):
             raise GQAConvertError(
                 f"--recipe must be a recipe name, a YAML file or a Recipe, not {self.recipe!r} "
@@ -138,6 +148,11 @@ class PoolOptions(ConversionOptions):
         settings = self.resolved_recipe.calibration
         data = self.calib_data if self.resolved_recipe.needs_user_text else ()
         return CalibrationText(settings.text, data, settings.tokens, settings.seq_len, self.calib_text_column)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What pool reads besides the source: the calibration texts and a recipe file."""
+        return (*self.calib_data, *([self.recipe_file] if self.recipe_file else []))
 
     @property
     def calibration_device(self) -> str:

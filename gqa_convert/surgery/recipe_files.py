@@ -8,6 +8,8 @@ types, nan and out-of-range values are refused with one line that names the file
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,10 @@ from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.surgery.recipes import RECIPES, SECTIONS, Recipe
 
 MAX_RECIPE_BYTES = 64 << 10  # a recipe is a few lines
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as text; a number field takes it as the number YAML 1.2 reads
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
 def load_recipe(given: str) -> Recipe:
@@ -46,6 +52,8 @@ def load_recipe(given: str) -> Recipe:
         raise GQAConvertError(f"cannot read recipe {given}: {error.strerror or error}") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise GQAConvertError(f"recipe {given} nests too deeply: a recipe is a mapping of a few sections") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -81,9 +89,23 @@ def _mapping(data: Any, origin: str, known: set[str]) -> dict[str, Any]:
     return data
 
 
+def _numbers(options_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Text such as 1e-3 in a number field (or a list of numbers) read as the number it spells."""
+    hints = typing.get_type_hints(options_class)
+
+    def number(value: Any) -> Any:
+        return float(value) if isinstance(value, str) and _EXPONENT.match(value) else value
+
+    converted = dict(values)
+    for key, value in values.items():
+        if key in hints and "float" in str(hints[key]):
+            converted[key] = [number(v) for v in value] if isinstance(value, list) else number(value)
+    return converted
+
+
 def _built(options_class: type, values: dict[str, Any], origin: str) -> Any:
     try:
-        return options_class(**values)
+        return options_class(**_numbers(options_class, values))
     except GQAConvertError as error:
         raise GQAConvertError(f"{origin}: {error}") from None
 
