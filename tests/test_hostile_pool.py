@@ -199,3 +199,12 @@ def test_settings_that_would_be_ignored_are_warned_about(model, tmp_path, extra,
     with pytest.warns(UserWarning, match=re.escape(warned)):
         result = runner.invoke(__import__("gqa_convert.cli").cli.app, args)
     assert result.exit_code == 0, result.output
+
+
+def test_a_recipe_file_may_not_pass_for_a_built_in_it_differs_from(model, tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("name: aligned\nmethod: aligned\naligned:\n  key_merge: complex\n")
+    out = tmp_path / "out"
+    refused(pool_args(model, out, "--recipe", recipe, *CALIBRATE), "calls itself 'aligned', a built-in", out=out)
+    recipe.write_text("name: aligned\nmethod: aligned\n")  # the same as the built-in: it is the built-in
+    assert PoolOptions(kv_heads=1, recipe=str(recipe), calib_data=(str(SAMPLE),)).recipe.name == "aligned"

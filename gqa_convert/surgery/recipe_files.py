@@ -75,7 +75,17 @@ def recipe_from_mapping(data: Any, *, origin: str, default_name: str) -> Recipe:
             known = {field.name for field in dataclasses.fields(options_class)}
             given = _mapping(top[section] if top[section] is not None else {}, f"{origin}, {section}", known)
             values[section] = _built(options_class, given, f"{origin}, {section}")
-    return _built(Recipe, values, origin)
+    recipe = _built(Recipe, values, origin)
+    if recipe.name in RECIPES and _settings(recipe) != _settings(RECIPES[recipe.name]):
+        raise GQAConvertError(
+            f"{origin} calls itself '{recipe.name}', a built-in recipe it differs from: give it a name of its own "
+            "(name: ...) or leave the name out (the file's name is used)"
+        )
+    return recipe
+
+
+def _settings(recipe: Recipe) -> dict[str, Any]:
+    return {key: value for key, value in recipe.as_dict().items() if key != "summary"}
 
 
 def _mapping(data: Any, origin: str, known: set[str]) -> dict[str, Any]:
@@ -116,5 +126,7 @@ def _shown(value: Any) -> str:
 
 
 def recipe_yaml(recipe: Recipe) -> str:
-    """The recipe as a YAML file a user can copy and edit (the sections its method and grouping read)."""
-    return yaml.safe_dump(recipe.as_dict(every_section=False), sort_keys=False, allow_unicode=True)
+    """The recipe as a YAML file a user can copy and edit: the sections its method and grouping read,
+    without its name (a file's recipe is named after the file unless it says otherwise)."""
+    values = {key: value for key, value in recipe.as_dict(every_section=False).items() if key != "name"}
+    return f"# from recipe {recipe.name}\n" + yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
