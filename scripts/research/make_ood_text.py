@@ -1,12 +1,12 @@
 """Build reproducible texts of other domains than encyclopedic prose, with no network, for
-scripts/ablation.py (--ood-text, --calib-extra):
+scripts/research/ablation.py (--ood-text, --calib-extra):
 
 - `--kind readme` (technical documentation): the long descriptions (README bodies, markdown/rst) in
   the METADATA files of installed Python packages, one package after another in name order,
   de-duplicated by paragraph;
 - `--kind code`: the top-level modules of Python's standard library, in name order.
 
-    python scripts/make_ood_text.py [--kind readme|code] [--out ood.txt] [--max-chars N]
+    python scripts/research/make_ood_text.py [--kind readme|code] [--out ood.txt] [--max-chars N]
 
 Rules for readme (all deterministic): the METADATA body is what follows the first blank line (the e-mail style
 headers are dropped); lines that are only badges, images, HTML tags or link targets are dropped;

@@ -1,6 +1,6 @@
-"""An estimate, from FLOP counts (not a measurement), of what `pool --method aligned` costs with the
-default recipe (sequential calibration, per-head V moments, frequency-aware K, o_proj solve), per model
-shape and device. Counts what the calibration runs per calibration token and layer:
+"""An estimate, from FLOP counts (not a measurement), of what `pool --recipe aligned` costs (sequential
+calibration, per-head V moments, frequency-aware K, o_proj solve) and what `--recipe aligned-refined`'s
+refinement adds, per model shape and device. Counts what the calibration runs per calibration token and layer:
 
 - the teacher's layer forward; the student's attention forward, then its layer forward after the merge;
 - the attended moment: the attention forward for the probabilities, each head's attended inputs
@@ -11,7 +11,7 @@ shape and device. Counts what the calibration runs per calibration token and lay
 - the V alternation (float64), an upper bound: VALUE_ROUNDS rounds of CG_STEPS + 1 conjugate-gradient
   products (2 hd d^2 + 2 hd^2 d per query head) and the o blocks' closed form (4 hd d^2 + 4 hd d^2).
 
-- the refinement (on by default on a GPU: --refine-steps 100, toward the block's output): per step a
+- the refinement (recipe aligned-refined: 100 steps per layer, toward the block's output): per step a
   forward and backward of the layer over the training three quarters of the tokens (3 forwards' worth:
   the attention's weight gradients and the input gradients through the MLP), and every 5 steps a
   forward over the held-out quarter (float32).
@@ -20,7 +20,7 @@ Eager attention builds the full T x T scores, so the attention core counts 4 T n
 Measured on one H200 for comparison (scripts/gpu_check.sh, calibrate-7b, no refinement): the 7B
 shape took 4.8 s per layer, about 3x this estimate.
 
-    python scripts/aligned_cost.py [--calib-tokens 16384] [--seq-len 512] [--utilization 0.5] [--refine-steps 100]
+    python scripts/research/aligned_cost.py [--calib-tokens 16384] [--seq-len 512] [--utilization 0.5] [--refine-steps 100]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 DECOMPOSITION = 20  # float64 flops of the per-layer decompositions and solves, in units of d^3 (assumed)
 TRIAL_TOKENS = 4 * 512  # the K candidates are ranked on one batch of 4 windows
 CANDIDATES = 3
-VALUE_ROUNDS, CG_STEPS = 4, 20  # as in gqa_convert/surgery/calibration/values.py
+VALUE_ROUNDS, CG_STEPS = 4, 20  # as in gqa_convert/surgery/aligned/values.py
 
 
 @dataclass(frozen=True)

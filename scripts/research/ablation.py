@@ -1,15 +1,15 @@
-"""The merge ablation on the real SmolLM2-135M (GGUF): the GQA paper's rules (mean, first, random), the
-closed-form aligned merge before the current recipe, the current `--method aligned` and its variants,
-similarity grouping; perplexity on held-out text of the calibration domain and of other domains, the
-K-only / V-only diagnostic, and distillation curves. Writes docs/results.md, docs/results.json and
-docs/recovery.png (scripts/ablation_report.py renders them).
+"""The merge ablation on the real SmolLM2-135M (GGUF): one row per recipe (gqa_convert.surgery.recipes:
+the GQA paper's rules mean, first, random; closed-form, the merge before the aligned recipe; aligned and
+its variants; similarity grouping); perplexity on held-out text of the calibration domain and of other
+domains, the K-only / V-only diagnostic, and distillation curves. Writes docs/results.md,
+docs/results.json and docs/recovery.png (scripts/research/ablation_report.py renders them).
 
-    python scripts/ablation.py --text WIKI.txt [--ood-text FILE ...] [--calib-extra FILE] [--setups A,B,C]
+    python scripts/research/ablation.py --text WIKI.txt [--ood-text FILE ...] [--calib-extra FILE] [--setups A,B,C]
 
 --text is split at a line break: the first 70% calibrates and uptrains, the last 30% is held out.
 --ood-text (default tests/data/technical.txt) is text of another domain, never used to calibrate.
---calib-extra (e.g. `python scripts/make_ood_text.py --kind readme`) adds a row calibrated on the
-calibration text mixed with it.
+--calib-extra (e.g. `python scripts/research/make_ood_text.py --kind readme`) adds a row calibrated on
+the calibration text mixed with it (pool with two --calib-data).
 
 Setups: A: SmolLM2 GQA-3 -> MQA. B: its MHA-9 expansion with the heads shuffled (the same function as
 the original, but the copies of a kv head are no longer neighbours) -> GQA-3. C: the same -> MQA.
@@ -18,7 +18,6 @@ the original, but the copies of a kv head are no longer neighbours) -> GQA-3. C:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import importlib.util
 import json
@@ -35,22 +34,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation_report import plot, write_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
-OLD = dict(key_merge="complex", value_moment="plain", output_ridges=None, sequential=False, refine_steps=0)
-# name -> (method, grouping, calibration overrides; None: no calibration)
+ROOT = Path(__file__).resolve().parents[2]
+# row name -> the recipe that makes it ("mixed calibration": the same recipe on two texts)
 VARIANTS = {
-    "mean": ("mean", "contiguous", None),
-    "first": ("first", "contiguous", None),
-    "random": ("random", "contiguous", None),
-    "aligned (old)": ("aligned", "contiguous", OLD),
-    "aligned": ("aligned", "contiguous", {}),
-    "aligned, head-averaged V": ("aligned", "contiguous", {"value_moment": "attended"}),
-    "aligned, not sequential": ("aligned", "contiguous", {"sequential": False}),
-    "aligned, mixed calibration": ("aligned", "contiguous", {"mixed": True}),
-    "aligned + refine": ("aligned", "contiguous", {"refine": True}),  # toward the block's output
-    "aligned + attention refine": ("aligned", "contiguous", {"refine": True, "refine_target": "attention"}),
-    "aligned + similarity": ("aligned", "similarity", {}),
+    "mean": "mean",
+    "first": "first",
+    "random": "random",
+    "aligned (old)": "closed-form",
+    "aligned": "aligned",
+    "aligned, head-averaged V": "aligned-averaged-v",
+    "aligned, not sequential": "aligned-not-sequential",
+    "aligned, mixed calibration": "aligned",
+    "aligned + refine": "aligned-refined",  # toward the block's output
+    "aligned + attention refine": "aligned-refined-attention",
+    "aligned + similarity": "aligned-similarity",
 }
+MIXED = {"aligned, mixed calibration"}
 SETUPS = {
     "A": [
         "mean",
@@ -115,17 +114,28 @@ def perplexities(model: Path, texts: dict[str, Path], tokens: int) -> dict[str, 
     }
 
 
-def calibration_for(variant: str, args: argparse.Namespace, calib: Path):
-    from gqa_convert.surgery.options import Calibration
+def recipe_for(variant: str, args: argparse.Namespace):
+    """The row's recipe (the refined ones with --refine-steps)."""
+    from gqa_convert.surgery.recipes import RECIPES
 
-    overrides = dict(VARIANTS[variant][2] or {})
-    mixed, refine = overrides.pop("mixed", False), overrides.pop("refine", False)
-    settings = Calibration(data=str(calib), tokens=args.calib_tokens, seq_len=512, **overrides)
-    if mixed:  # the calibration text's tokens, plus as many of the other text's
-        settings = dataclasses.replace(settings, extra_data=(str(args.calib_extra),), tokens=2 * args.calib_tokens)
-    if refine:
-        settings = dataclasses.replace(settings, refine_steps=args.refine_steps)
-    return settings
+    recipe = RECIPES[VARIANTS[variant]]
+    if recipe.refine.steps and recipe.refine.steps != args.refine_steps:
+        recipe = recipe.replace(
+            name=f"{recipe.name}-{args.refine_steps}", refine=recipe.refine.replace(steps=args.refine_steps)
+        )
+    return recipe
+
+
+def calibration_for(variant: str, args: argparse.Namespace, calib: Path) -> dict:
+    """pool's calibration options of the row: the calibration text's tokens (mixed: plus as many of the
+    other text's), windows of 512."""
+    if not recipe_for(variant, args).calibrated:
+        return {}
+    if variant in MIXED:
+        return dict(
+            calib_data=(str(calib), str(args.calib_extra)), calib_tokens=2 * args.calib_tokens, calib_seq_len=512
+        )
+    return dict(calib_data=(str(calib),), calib_tokens=args.calib_tokens, calib_seq_len=512)
 
 
 def convert_rows(args, setups, sources, texts, calib, results) -> None:
@@ -141,14 +151,14 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
         for variant in variants:
             if "mixed" in variant and not args.calib_extra:
                 continue
-            method, grouping, overrides = VARIANTS[variant]
+            recipe = recipe_for(variant, args)
             out = args.work / f"{setup}-{variant.replace(' ', '_').replace(',', '').replace('(', '').replace(')', '')}"
-            calibration = calibration_for(variant, args, calib) if overrides is not None else None
             tic = time.time()
-            pool(source, out, PoolOptions(kv_heads=kv_heads, method=method, grouping=grouping, calibration=calibration))
+            pool(source, out, PoolOptions(kv_heads=kv_heads, recipe=recipe, **calibration_for(variant, args, calib)))
             seconds = time.time() - tic
-            row = {"setup": setup, "source": label, "kv_heads": kv_heads, "variant": variant, "method": method}
-            row.update(grouping=grouping, convert_s=round(seconds, 1), **perplexities(out, texts, args.eval_tokens))
+            row = {"setup": setup, "source": label, "kv_heads": kv_heads, "variant": variant, "recipe": recipe.name}
+            row.update(method=recipe.method, grouping=recipe.grouping, convert_s=round(seconds, 1))
+            row.update(perplexities(out, texts, args.eval_tokens))
             results["init"].append(row)
             print(json.dumps(row), flush=True)
             if setup == "A" and variant in names(args.uptrain_inits):
@@ -160,11 +170,15 @@ def convert_rows(args, setups, sources, texts, calib, results) -> None:
 def diagnostic_rows(args, gqa3, texts, calib, results) -> None:
     from merge_diagnostic import one_side_perplexities
 
+    from gqa_convert.calibration import CalibrationText
+
     for variant in names(args.diagnose):
         if not variant:
             continue
         tic = time.time()
-        found = one_side_perplexities(gqa3, calibration_for(variant, args, calib), texts, args.eval_tokens)
+        options = calibration_for(variant, args, calib)
+        text = CalibrationText("user", options["calib_data"], options["calib_tokens"], options["calib_seq_len"])
+        found = one_side_perplexities(gqa3, recipe_for(variant, args), text, texts, args.eval_tokens)
         for side, values in found.items():
             row = {"variant": variant, "side": side, **values}
             results["diagnostic"].append(row)
@@ -337,7 +351,7 @@ def _replaced(earlier: list[dict], ours: list[dict], key: tuple[str, ...]) -> li
 
 
 def write_results(args: argparse.Namespace, results: dict, started: float, earlier: dict | None = None) -> None:
-    command = shlex.join(["python", "scripts/ablation.py", *sys.argv[1:]])
+    command = shlex.join(["python", "scripts/research/ablation.py", *sys.argv[1:]])
     results["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["date"] = dt.date.today().isoformat()
     results["minutes"] = round((time.time() - started) / 60, 1)
