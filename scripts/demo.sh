@@ -20,8 +20,8 @@ gqa-convert inspect "$GGUF" --seq-len 8192 --cache-dtype bfloat16
 
 step "2. pool: the original as a folder (3 kv heads, unchanged), then MQA by mean pooling and by the calibrated merge"
 gqa-convert pool "$GGUF" -o "$OUT/gqa3" --kv-heads 3 --force
-gqa-convert pool "$GGUF" -o "$OUT/mqa-mean" --kv-heads 1 --force
-gqa-convert pool "$GGUF" -o "$OUT/mqa-aligned" --kv-heads 1 --method aligned \
+gqa-convert pool "$GGUF" -o "$OUT/mqa-mean" --kv-heads 1 --recipe mean --force
+gqa-convert pool "$GGUF" -o "$OUT/mqa-aligned" --kv-heads 1 --recipe aligned \
   --calib-data "$DATA/calibration.txt" --calib-tokens 8192 --force
 
 step "3. uptrain: a short distillation of the calibrated MQA from the original (a taste of the real budget)"
