@@ -34,12 +34,6 @@ from helpers import SAMPLE, cli, fails, refused, runner, snapshot
 from tiny_models import TINY, build_tiny, build_trainable, load, logits
 
 
-@pytest.fixture
-def src(tmp_path) -> Path:
-    build_tiny(tmp_path / "src", "llama")  # 4 heads, 2 kv heads, untied lm_head
-    return tmp_path / "src"
-
-
 def rewrite(file: Path, drop: str | None = None, add: dict[str, torch.Tensor] | None = None) -> None:
     tensors = load_file(file)
     if drop is not None:
