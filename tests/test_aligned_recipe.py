@@ -358,6 +358,8 @@ def test_per_head_attended_moments_match_transformers_attention_in_float64(tmp_p
     shrunk = (1 - weight) * expected + weight * expected.mean(0)
     found = statistics.attended_per_head
     assert found.dtype == torch.float64 and found.shape == expected.shape and statistics.tokens == 256
+    with pytest.raises(dataclasses.FrozenInstanceError):  # immutable once collected
+        statistics.attended = None
     torch.testing.assert_close(found, shrunk, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     torch.testing.assert_close(
         statistics.attended, expected.mean(0), rtol=1e-4, atol=1e-4 * float(expected.abs().max())
