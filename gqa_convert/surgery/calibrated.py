@@ -121,6 +121,7 @@ class CalibratedLayers:
 
     plans: dict[int, HeadPlan]
     overrides: dict[str, Path]  # tensor name -> the file holding its merged value
+    tokens: int  # the calibration tokens used (a text shorter than its share gives fewer)
 
 
 def calibrate_layers(
@@ -176,7 +177,7 @@ def calibrate_layers(
                 state = {**attention_state(source_layout, statistics.projections), **kv_norms}
             stream.advance(state)
             progress.advance(task)
-    return CalibratedLayers(plans, overrides)
+    return CalibratedLayers(plans, overrides, ids.numel())
 
 
 def _refine(

@@ -67,6 +67,7 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
         with work_folder(Path(out), "calib") as workdir:
             layers = calibrate_layers(checkpoint, plan, recipe, text, device, workdir)
             details["calibration"] = {"data": list(text.data), "text_column": text.text_column, "device": device}
+            details["calibration"]["tokens_used"] = layers.tokens
             source_plan = Source(checkpoint, plan, layers.plans, layers.overrides)
             return _convert(checkpoint, Path(out), source_plan, options, details)
 
