@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqa_convert.train.losses import IGNORE_INDEX, Head, Weights, head_losses
-from gqa_convert.train.modules import CausalLMWithChunkedLoss, FrozenTeacher, head_of
+from gqa_convert.train.losses import CausalLMWithChunkedLoss, FrozenTeacher, head_of
 
 from tiny_models import TINY, VOCAB, tiny_config
 

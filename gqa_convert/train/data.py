@@ -1,18 +1,27 @@
-"""The token folders a run reads. Data given as a token folder (`gqa-convert tokenize`) is read as it
-is, once its tokenizer is checked against the model's. Raw data is tokenized once for the whole job,
-by machine rank 0 only, with the parallel tokenizer: beside OUT first (bad data leaves OUT as it was),
-then moved to OUT/data/<fingerprint>; the other machines wait for its manifest. Only rank 0 ever
-replaces OUT (--force)."""
+"""The token folders a run reads, and the batches each process takes from them.
+
+Data given as a token folder (`gqa-convert tokenize`) is read as it is, once its tokenizer is checked
+against the model's. Raw data is tokenized once for the whole job, by machine rank 0 only, with the
+parallel tokenizer: beside OUT first (bad data leaves OUT as it was), then moved to
+OUT/data/<fingerprint>; the other machines wait for its manifest. Only rank 0 ever replaces OUT (--force).
+
+Ids are checked against the model's vocabulary before any forward pass: the tokenizer against
+config.vocab_size, a token folder's recorded largest id, and every batch as it is read (a shard
+altered after its manifest was written is named, not fed to the embedding).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from gqa_convert.data.manifest import MANIFEST, TokenizerInfo, check_tokenizer, is_token_folder, read_manifest
 from gqa_convert.data.tokenize import (
@@ -23,7 +32,7 @@ from gqa_convert.data.tokenize import (
     staging_of,
     write_token_folder,
 )
-from gqa_convert.data.tokens import tokenize_head
+from gqa_convert.data.tokens import TokenBlocks, tokenize_head
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import clear_output_folder
 from gqa_convert.train.settings import TrainSettings
@@ -32,6 +41,54 @@ POLL_S = 2.0
 _RAW_ONLY = {"text_column": "text", "data_config": None, "split": "train"}  # settings of raw data only
 
 
+# ---- vocabulary ----
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, model: str) -> None:
+    """Refuse a tokenizer that can give ids the model has no embedding for."""
+    largest = max(max(tokenizer.get_vocab().values(), default=0), len(tokenizer) - 1)
+    if largest >= vocab_size:
+        raise GQAConvertError(
+            f"the tokenizer of {model} gives ids up to {largest}, but its config.vocab_size is {vocab_size}: ids "
+            f"from {vocab_size} on have no embedding; save the model's own tokenizer with it, or resize the "
+            "embeddings (model.resize_token_embeddings(len(tokenizer))) and save again"
+        )
+
+
+def check_token_ids(manifest: dict[str, Any], vocab_size: int, data: str, model: str) -> None:
+    """A token folder's largest id (recorded in its manifest) must be below the model's vocabulary. A
+    folder that does not record it was made by the model's tokenizer (checked), and each batch is checked."""
+    largest = manifest.get("max_token_id")
+    if isinstance(largest, int) and not isinstance(largest, bool) and largest >= vocab_size:
+        raise GQAConvertError(
+            f"{data} holds token id {largest}, but {model} has {vocab_size} ids (config.vocab_size): "
+            f"tokenize the data again with --tokenizer {model}"
+        )
+
+
+class Batches:
+    """The blocks each process trains on. Block indices are laid out step-major, then micro-step, then
+    rank: disjoint across ranks, and each step trains on the same blocks whatever the split into
+    processes and micro-steps, so the data position is a pure function of the step."""
+
+    def __init__(self, folder: str, seq_len: int, seed: int, micro_batch: int, world: int, vocab_size: int) -> None:
+        self.folder, self.blocks = folder, TokenBlocks(folder, seq_len, seed)
+        self.micro_batch, self.world, self.vocab_size = micro_batch, world, vocab_size
+
+    def read(self, step: int, micro: int, rank: int, grad_accum: int) -> np.ndarray:
+        """[micro_batch, seq_len] int64 ids of one micro-step of one process."""
+        first = (step * grad_accum * self.world + micro * self.world + rank) * self.micro_batch
+        ids = np.stack([self.blocks.block(first + i) for i in range(self.micro_batch)])
+        if ids.size and int(ids.max()) >= self.vocab_size:
+            raise GQAConvertError(
+                f"{self.folder} holds token id {int(ids.max())} (block {first} on), but the model has "
+                f"{self.vocab_size} ids: the token folder is damaged or from another tokenizer; tokenize the data again"
+            )
+        return ids
+
+    def epoch_of(self, block: int) -> int:
+        return self.blocks.epoch_of(block)
+
+
+# ---- the run's token folders ----
 @dataclass(frozen=True)
 class RunData:
     """One data argument of a run (--data or --eval-data) and the token folder the workers read."""
@@ -71,7 +128,7 @@ def plan_data(
         manifest = read_manifest(data)
         check_tokenizer(manifest, info.tokenizer, data, settings.model)
         folder = Path(data).resolve()
-        if settings.force and not settings.resume and out in folder.parents:
+        if settings.force and out in folder.parents:
             raise GQAConvertError(f"{data} is inside {out}, which --force replaces: move it out of {out} first")
         check_count(manifest, RunData(data, folder, min_tokens, None), settings)
         return RunData(data, folder, min_tokens, None)
@@ -115,17 +172,18 @@ def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo
             built = item in moving
             manifest = build(item, settings, info, ready_folder(out, item)) if built else read_manifest(item.folder)
             check_count(manifest, item, settings)
-    except GQAConvertError:
+    except BaseException:
         for item in moving:
             shutil.rmtree(ready_folder(out, item), ignore_errors=True)
         raise
-    if settings.force and not settings.resume and out.exists():
+    if settings.force and out.exists():
         kept = [item for item in items if item.raw and item not in moving]
         for item in kept:
             item.folder.rename(ready_folder(out, item))
         clear_output_folder(out)  # only an empty folder or one this tool wrote
         moving += kept
     out.mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)  # a run exists from here on: --resume finds it
     for item in moving:
         item.folder.parent.mkdir(parents=True, exist_ok=True)
         ready_folder(out, item).rename(item.folder)
@@ -155,3 +213,39 @@ def wait_for_data(items: list[RunData], settings: TrainSettings, out: Path, rank
                 )
             time.sleep(POLL_S)
         check_count(read_manifest(item.folder), item, settings)
+
+
+def dry_run_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo, out: Path) -> Path:
+    """A dry run tokenizes only what its measured step reads, into a temporary folder beside OUT."""
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.dry-run-", dir=out.parent))
+    try:
+        for item in items:
+            if item.raw:
+                folder = scratch / item.folder.name
+                manifest = build(replace(item, head=True), settings, info, folder)
+                check_count(manifest, item, settings)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
+
+
+def prepare_data(
+    settings: TrainSettings, info: TokenizerInfo, out: Path, need: int, rank: int
+) -> tuple[RunData, RunData | None, str | None]:
+    """The run's token folders: made (machine rank 0), waited for (the others) or, for a dry run,
+    tokenized into a scratch folder (returned third, for the caller to remove)."""
+    train = plan_data(settings.data, settings, info, out, settings.seq_len, need, head=False)
+    evaluation = None
+    if settings.eval_data:
+        evaluation = plan_data(settings.eval_data, settings, info, out, 2, settings.eval_tokens, head=True)
+    items = [train] if evaluation is None else [train, evaluation]
+    if settings.dry_run:
+        scratch = dry_run_data(items, settings, info, out)
+        moved = [replace(item, folder=scratch / item.folder.name) if item.raw else item for item in items]
+        return moved[0], (moved[1] if evaluation else None), str(scratch)
+    if rank == 0:
+        make_data(items, settings, info, out)
+    else:
+        wait_for_data(items, settings, out, rank)
+    return train, evaluation, None
