@@ -100,4 +100,3 @@ def checkpoint_tensors(folder: Path, prefix: str = "model.causal_lm.") -> dict[s
             whole[place] = piece
         tensors[name.removeprefix(prefix)] = whole
     return tensors
-

@@ -59,7 +59,11 @@ def test_strategy_from_the_flag_and_the_yaml():
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 1}}, "auto", "FSDP version 1"),
         ({"distributed_type": "FSDP"}, "fsdp2", "FSDP version 1"),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}, "auto", "stage 2"),
-        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "auto", "deepspeed strategy needs GPUs"),
+        (
+            {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
+            "auto",
+            "deepspeed strategy needs GPUs",
+        ),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "fsdp2", "conflicts with"),
         ({"distributed_type": "MULTI_GPU"}, "deepspeed", "configs/deepspeed_zero3.yaml"),
         ({"distributed_type": "XLA"}, "auto", "not supported"),

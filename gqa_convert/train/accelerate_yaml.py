@@ -64,6 +64,8 @@ def read_yaml_mapping(path: str, what: str = "an Accelerate YAML") -> dict[str, 
         raise _bad(path, f"is not a text file (UTF-8), not {what}") from None
     except (yaml.YAMLError, RecursionError) as error:
         raise _bad(path, f"is not valid YAML ({one_line(error)[:120]})") from None
+    if loaded is None:
+        raise _bad(path, f"is empty, not {what}")
     if not isinstance(loaded, dict):
         raise _bad(path, f"holds a {type(loaded).__name__}, not {what} (a mapping with distributed_type)")
     return loaded

@@ -163,10 +163,23 @@ def build(item: RunData, settings: TrainSettings, info: TokenizerInfo, folder: P
     return write_token_folder(item.data, folder, info, options, item.job)
 
 
+def _finished(item: RunData) -> bool:
+    """OUT/data holds this item's tokens, whole."""
+    try:
+        return finished_manifest(item.folder, item.job) is not None and bool(read_manifest(item.folder))
+    except (GQAConvertError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
 def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo, out: Path) -> None:
     """Machine rank 0: tokenize what OUT/data lacks (beside OUT), check every folder, replace OUT
-    under --force (keeping the token folders this run uses), then make OUT and move the new folders in."""
-    moving = [item for item in items if item.raw and not (item.folder / MANIFEST).is_file()]
+    under --force (keeping the token folders this run uses), then make OUT and move the new folders in.
+    A token folder of OUT/data that is damaged (its manifest unreadable, a shard of another size) is
+    tokenized again and replaced."""
+    moving = [item for item in items if item.raw and not _finished(item)]
+    for item in moving:
+        if item.folder.exists():
+            warnings.warn(f"{item.folder} is damaged: {item.data} is tokenized again", stacklevel=2)
     try:
         for item in items:
             built = item in moving
@@ -186,6 +199,8 @@ def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo
     (out / "checkpoints").mkdir(exist_ok=True)  # a run exists from here on: --resume finds it
     for item in moving:
         item.folder.parent.mkdir(parents=True, exist_ok=True)
+        if item.folder.is_dir() and not item.folder.is_symlink():
+            shutil.rmtree(item.folder)  # the damaged folder of this very job (named by its fingerprint)
         ready_folder(out, item).rename(item.folder)
 
 

@@ -22,7 +22,7 @@ from gqa_convert.train.export import exported
 from gqa_convert.train.loop import run_worker
 from gqa_convert.train.losses import CausalLMWithChunkedLoss
 from gqa_convert.train.metrics import METRICS, read_metrics
-from gqa_convert.train.plan import WORKER_ENV, TrainPlan, prepare
+from gqa_convert.train.plan import WORKER_ENV, TrainPlan, prepared
 from gqa_convert.train.runtime import ERROR_ENV, OWNER_ENV, die_with_parent, process_identity
 from gqa_convert.train.settings import TrainSettings
 from gqa_convert.train.strategies import STRATEGIES
@@ -31,19 +31,20 @@ from gqa_convert.train.strategies import STRATEGIES
 def uptrain(settings: TrainSettings) -> dict[str, Any]:
     """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or the
     final step, tokens and loss read back from OUT."""
-    plan = prepare(settings)
-    if settings.dry_run:
-        try:
-            return dry_run_plan(plan)
-        finally:
-            if plan.scratch:
-                shutil.rmtree(plan.scratch, ignore_errors=True)
-    if plan.resume_step == plan.steps and exported(plan):
-        print(
-            f"{plan.out} is finished (step {plan.steps} of {plan.steps}) and exported: nothing to do", file=sys.stderr
-        )
-    else:
-        launch(plan)
+    with prepared(settings) as plan:
+        if settings.dry_run:
+            try:
+                return dry_run_plan(plan)
+            finally:
+                if plan.scratch:
+                    shutil.rmtree(plan.scratch, ignore_errors=True)
+        if plan.resume_step == plan.steps and exported(plan):
+            print(
+                f"{plan.out} is finished (step {plan.steps} of {plan.steps}) and exported: nothing to do",
+                file=sys.stderr,
+            )
+        else:
+            launch(plan)
     last = read_metrics(plan.out / METRICS)[-1]
     return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}
 

@@ -6,11 +6,13 @@ process, with one line, and leaves OUT as it was."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from gqa_convert.arch import check_seq_len
 from gqa_convert.data.manifest import is_token_folder, read_manifest, tokenizer_info
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import guard_output, write_error
+from gqa_convert.io.output import guard_output, output_lock, write_error
 from gqa_convert.io.provenance import read_record
 from gqa_convert.io.sources import check_model_folder, load_tokenizer, model_config
 from gqa_convert.train.accelerate_yaml import AccelerateConfig, read_accelerate_config
@@ -73,8 +75,17 @@ class TrainPlan:
         return cls(**{**fields, "settings": TrainSettings(**fields["settings"])})
 
 
-def prepare(settings: TrainSettings) -> TrainPlan:
-    """Check, resolve and size the run, and tokenize its data into OUT/data (see the module's doc)."""
+@contextlib.contextmanager
+def prepared(settings: TrainSettings) -> Iterator[TrainPlan]:
+    """prepare(), with OUT held for this run until the block ends: a second run into the same OUT is
+    refused in one line naming the first (machines of rank > 0 join rank 0's run, holding nothing)."""
+    with contextlib.ExitStack() as held:
+        yield prepare(settings, held)
+
+
+def prepare(settings: TrainSettings, held: contextlib.ExitStack | None = None) -> TrainPlan:
+    """Check, resolve and size the run, and tokenize its data into OUT/data (see the module's doc).
+    With `held`, machine rank 0 locks OUT (output_lock) until `held` closes."""
     if "LOCAL_RANK" in os.environ and not os.environ.get(WORKER_ENV):
         raise GQAConvertError(
             "run `gqa-convert uptrain` directly, not under accelerate launch or torchrun: "
@@ -92,6 +103,8 @@ def prepare(settings: TrainSettings) -> TrainPlan:
         mode="resume" if settings.resume else ("join" if rank > 0 else "train"),
         fix="pass --resume to continue it or --force to replace it",
     )
+    if held is not None and rank == 0 and not settings.dry_run:
+        held.enter_context(output_lock(out))
     import torch
 
     cuda = torch.cuda.is_available()

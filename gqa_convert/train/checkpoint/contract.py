@@ -91,12 +91,12 @@ CONTRACT: tuple[Term, ...] = (
     Term(("num_machines", "machine_rank", "main_process_ip", "main_process_port", "accelerate_config",
           "timeout_minutes", "dry_run"), MAY_CHANGE, "how the processes are started"),
     Term(("out", "resume"), REFUSED,
-         "--resume needs OUT/checkpoints: an empty OUT, or one holding only a finished model, has no run to "
-         "resume; a run that is finished only exports, if its export is missing"),
-    Term(("force",), REFUSED, "--force with --resume: one continues the run, the other replaces it"),
+         "OUT without a run (OUT/checkpoints): an empty OUT, or one holding only a model; a checkpoint "
+         "written by an earlier version. A finished run resumed only exports, if its export is missing"),
+    Term(("force",), REFUSED, "with --resume: one continues the run, the other replaces it"),
     Term(("trust_deepspeed_checkpoint",), REFUSED,
-         "a DeepSpeed checkpoint holds pickles, which run code when loaded: refused unless this flag says "
-         "you trust it (ddp and fsdp2 checkpoints are safetensors and JSON)"),
+         "a DeepSpeed checkpoint without this flag: its files are pickles, which run code when loaded "
+         "(ddp and fsdp2 checkpoints are safetensors and JSON)"),
 )  # fmt: skip
 RECORDED = tuple(term for term in CONTRACT if term.key is not None)
 
@@ -152,8 +152,14 @@ def _shown(term: Term, value: Any) -> str:
 
 def contract_markdown() -> str:
     """The table as docs/uptrain.md shows it."""
+    import dataclasses
+
+    from gqa_convert.options import flag_name, spec_of
+
+    specs = {field.name: spec_of(field) for field in dataclasses.fields(TrainSettings)}
+    shown = {name: name.upper() if spec.argument else flag_name(name) for name, spec in specs.items()}
     lines = ["| options | on `--resume` | why |", "|---|---|---|"]
     for term in CONTRACT:
-        flags = ", ".join(f"`--{name.replace('_', '-')}`" for name in term.options)
+        flags = ", ".join(f"`{shown[name]}`" for name in term.options)
         lines.append(f"| {flags} | {term.rule} | {term.why} |")
     return "\n".join(lines) + "\n"

@@ -49,16 +49,20 @@ _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 class Damaged(GQAConvertError):
     """A checkpoint's files are not what this tool writes (`what` says how)."""
 
-    def __init__(self, folder: Path, what: str) -> None:
+    def __init__(self, message: str, what: str = "") -> None:
+        super().__init__(message)
         self.what = what
-        super().__init__(
-            f"checkpoint {folder.name} is damaged ({what}): delete {folder} to resume from the one before it, "
-            "or start afresh with --force"
-        )
+
+    def __reduce__(self) -> tuple:  # DCP sends a process's failure to the others
+        return Damaged, (str(self), self.what)
 
 
 def damaged(folder: Path, what: str) -> Damaged:
-    return Damaged(folder, what)
+    return Damaged(
+        f"checkpoint {folder.name} is damaged ({what}): delete {folder} to resume from the one before it, "
+        "or start afresh with --force",
+        what,
+    )
 
 
 def save_tensors(state: dict[str, Any], folder: Path) -> None:
