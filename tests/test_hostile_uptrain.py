@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.io.output import output_lock
+from gqa_convert.train.checkpoint import choose_resume
 from gqa_convert.train.launch import uptrain
 from gqa_convert.train.metrics import read_metrics
 from gqa_convert.train.settings import TrainSettings
@@ -170,20 +171,17 @@ def test_a_checkpoint_holding_a_pickle_runs_no_code(models, finished, tmp_path, 
          '"key": "0"}]}}}', "outside its tensor"),
     ],
 )  # fmt: skip
-def test_tampered_checkpoint_json_is_skipped_with_a_warning(models, finished, tmp_path, file, content, expected):
+def test_tampered_checkpoint_json_is_skipped_with_a_warning(finished, tmp_path, file, content, expected):
     """Schema-checked reads: a checkpoint whose JSON is not what this tool writes is named and skipped
-    for the one before it; the run then ends as the uninterrupted one did."""
+    for the one before it (resuming from it is tested end to end in test_resume.py)."""
     out = copy_run(finished, tmp_path)
     folder = out / NEWEST
+    identity = json.loads((folder / "trainer_state.json").read_text())["run"]
     (folder / file).write_text(content)
     if file != "COMPLETE":
         rewrite_complete(folder)
     with pytest.warns(UserWarning, match=rf"checkpoint step-00000004 is damaged \(.*{expected}"):
-        result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
-    assert result.exit_code == 0, result.output
-    assert "resumed from step-00000002" in result.output
-    for a, b in zip(read_metrics(finished / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        assert choose_resume(out, identity, trust_deepspeed=False) == 2
 
 
 def test_tampered_metrics_lines_are_dropped_not_a_traceback(models, finished, tmp_path):
@@ -239,7 +237,9 @@ def test_a_finished_run_resumed_says_so_and_changes_nothing(models, finished, tm
     assert json.loads(result.stdout)["steps"] == STEPS and snapshot(out) == state
 
 
-@pytest.mark.parametrize("case", ["only a finished model", "an earlier version's checkpoint", "--force too"])
+@pytest.mark.parametrize(
+    "case", ["only a finished model", "an earlier version's checkpoint", "no intact checkpoint", "--force too"]
+)
 def test_resume_needs_a_run_of_this_version(models, finished, tmp_path, case):
     out = copy_run(finished, tmp_path, exported=True)
     flags = ["--resume"]
@@ -258,6 +258,10 @@ def test_resume_needs_a_run_of_this_version(models, finished, tmp_path, case):
             (folder / "trainer_state.json").write_text(json.dumps(state))
             rewrite_complete(folder)
         expected = "written by an earlier gqa-convert"
+    elif case == "no intact checkpoint":  # never start over on its own: the damaged ones would be pruned
+        for folder in (out / "checkpoints").iterdir():
+            (folder / "trainer_state.json").write_text("{}")
+        expected = "no intact checkpoint in"
     else:
         flags.append("--force")
         expected = "pass one of them"
@@ -397,23 +401,66 @@ def test_another_machine_resumes_rank_0s_choice_and_clears_nothing(models, finis
         prepare(settings(models["model"], out, machine_rank=1, seed=1, **machines))
 
 
-def test_no_processes_is_refused_also_in_a_dry_run(models, tmp_path):
-    for extra in ([], ["--dry-run"]):
-        fails(["uptrain", models["model"], "-o", tmp_path / "out", *ARGS, "--num-processes", 0, *extra], "at least 1")
-    assert not (tmp_path / "out").exists()
-
-
-def test_resume_after_a_kill_mid_checkpoint_uses_the_one_before(models, finished, tmp_path):
-    """A checkpoint folder without COMPLETE (the run died while writing it) is never read."""
+@pytest.mark.parametrize("entry", ["cut short", "a link elsewhere", "a file"])
+def test_a_checkpoint_entry_that_is_not_a_whole_folder_is_never_read(models, finished, tmp_path, entry):
+    """Killed mid-save (no COMPLETE), a link to a folder outside OUT, a stray file: not read (a pickle
+    there runs no code), not followed, and replaced by the step's new checkpoint; the run ends as the
+    uninterrupted one did."""
     out = copy_run(finished, tmp_path)
-    (out / NEWEST / "COMPLETE").unlink()
-    (out / NEWEST / "state-rank00000.safetensors").write_bytes(pickle.dumps(RunsCode(tmp_path / "code-ran")))
+    step = out / NEWEST
+    elsewhere = tmp_path / "elsewhere"
+    if entry == "cut short":
+        (step / "COMPLETE").unlink()
+        (step / "state-rank00000.safetensors").write_bytes(pickle.dumps(RunsCode(tmp_path / "code-ran")))
+    elif entry == "a link elsewhere":
+        shutil.move(step, elsewhere)
+        step.symlink_to(elsewhere)
+    else:
+        shutil.rmtree(step)
+        step.write_bytes(pickle.dumps(RunsCode(tmp_path / "code-ran")))
+    kept = snapshot(elsewhere) if elsewhere.exists() else None
     result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
     assert result.exit_code == 0, result.output
     assert "resumed from step-00000002" in result.output and not (tmp_path / "code-ran").exists()
+    assert (step / "COMPLETE").is_file() and not step.is_symlink()
+    if kept is not None:
+        assert snapshot(elsewhere) == kept
     final = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, tensor in transformers.AutoModelForCausalLM.from_pretrained(finished).state_dict().items():
         torch.testing.assert_close(final[name], tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_a_damaged_token_folder_of_the_run_is_tokenized_again(models, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    shutil.rmtree(out / NEWEST)
+    (folder,) = (out / "data").iterdir()
+    (folder / "manifest.json").write_text((folder / "manifest.json").read_text()[:50])
+    with pytest.warns(UserWarning, match=rf"{folder.name} is damaged: .* is tokenized again"):
+        result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((folder / "manifest.json").read_text())["tokens"] > 0
+    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == [
+        r["loss"] for r in read_metrics(finished / "metrics.jsonl")
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--num-processes", 0], "--num-processes must be at least 1"),
+        (["--num-processes", 0, "--dry-run"], "--num-processes must be at least 1"),
+        (
+            ["--micro-batch-size", 10**9, "--tokens", "100T"],
+            "fewer than one micro-batch (--micro-batch-size 1000000000)",
+        ),
+        (["--grad-accum", 10**9], "smaller than one optimizer step"),
+        (["--global-batch-tokens", 1000], "not a multiple of micro batch x processes x seq len = 128"),
+    ],
+)
+def test_impossible_sizes_are_refused_before_anything_is_written(models, tmp_path, extra, expected):
+    out = tmp_path / "out"
+    fails(["uptrain", models["model"], "-o", out, *ARGS, *extra], expected)
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_the_contract_covers_every_option_once_and_the_docs_show_it():

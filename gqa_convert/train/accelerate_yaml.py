@@ -39,35 +39,41 @@ class AccelerateConfig:
     zero_stage: int | None = None
 
 
-def _bad(path: str, what: str) -> GQAConvertError:
-    return GQAConvertError(f"accelerate config {path}: {what}")
+def _bad(path: str, what: str, label: str = "accelerate config") -> GQAConvertError:
+    return GQAConvertError(f"{label} {path}: {what}")
 
 
-def read_yaml_mapping(path: str, what: str = "an Accelerate YAML") -> dict[str, Any]:
+def read_yaml_mapping(path: str, what: str = "an Accelerate YAML", label: str = "accelerate config") -> dict[str, Any]:
     """A small YAML (or JSON) file holding a mapping, or one line saying what it is instead."""
     file = Path(path)
+
+    def bad(text: str) -> GQAConvertError:
+        return _bad(path, text, label)
+
     if file.is_dir():
-        raise _bad(path, f"is a folder; give {what} file")
+        raise bad(f"is a folder; give {what} file")
+    if file.exists() and not file.is_file():  # a device or a pipe: never read to its end
+        raise bad(f"is not a regular file; give {what} file")
     try:
         size = file.stat().st_size
         if size > MAX_YAML_BYTES:
-            raise _bad(path, f"has {size:,} bytes, too large for {what}")
+            raise bad(f"has {size:,} bytes, too large for {what}")
         text = file.read_bytes().decode("utf-8")
         if "\0" in text:
-            raise _bad(path, f"is a binary file, not {what}")
+            raise bad(f"is a binary file, not {what}")
         loaded = yaml.safe_load(text)
     except FileNotFoundError:
-        raise _bad(path, "not found") from None
+        raise bad("not found") from None
     except OSError as error:
-        raise _bad(path, f"cannot be read ({error.strerror})") from None
+        raise bad(f"cannot be read ({error.strerror})") from None
     except UnicodeDecodeError:
-        raise _bad(path, f"is not a text file (UTF-8), not {what}") from None
+        raise bad(f"is not a text file (UTF-8), not {what}") from None
     except (yaml.YAMLError, RecursionError) as error:
-        raise _bad(path, f"is not valid YAML ({one_line(error)[:120]})") from None
+        raise bad(f"is not valid YAML ({one_line(error)[:120]})") from None
     if loaded is None:
-        raise _bad(path, f"is empty, not {what}")
+        raise bad(f"is empty, not {what}")
     if not isinstance(loaded, dict):
-        raise _bad(path, f"holds a {type(loaded).__name__}, not {what} (a mapping with distributed_type)")
+        raise bad(f"holds a {type(loaded).__name__}, not {what} (a mapping with distributed_type)")
     return loaded
 
 
@@ -151,7 +157,7 @@ def _zero_stage(deepspeed: dict[str, Any], path: str) -> int | None:
         file = deepspeed["deepspeed_config_file"]
         if not isinstance(file, str):
             raise _bad(path, f"deepspeed_config.deepspeed_config_file must be a path, not {file!r:.60}")
-        loaded = read_yaml_mapping(file, "a DeepSpeed JSON config")  # JSON is YAML
+        loaded = read_yaml_mapping(file, "a DeepSpeed JSON config", "deepspeed_config_file")  # JSON is YAML
         section = loaded.get("zero_optimization") or {}
         stage = section.get("stage", 0) if isinstance(section, dict) else None
         where = f"{file}: zero_optimization.stage"

@@ -142,13 +142,22 @@ def ready_folder(out: Path, item: RunData) -> Path:
 
 
 def check_count(manifest: dict[str, Any], item: RunData, settings: TrainSettings) -> None:
-    if manifest["tokens"] < item.min_tokens:
+    """Training data holds one micro-batch of blocks at least (a batch is built in memory: never more
+    blocks than exist); evaluation data its minimum."""
+    tokens, seq_len, blocks = manifest["tokens"], settings.seq_len, settings.micro_batch_size
+    if tokens >= item.min_tokens:
+        return
+    if item.min_tokens != seq_len * blocks:
+        raise GQAConvertError(f"{item.data} holds {tokens} tokens: give at least {item.min_tokens}")
+    if tokens < seq_len:
         raise GQAConvertError(
-            f"{item.data} holds {manifest['tokens']} tokens, fewer than one block of --seq-len {settings.seq_len}: "
-            "give more text or lower --seq-len"
-            if item.min_tokens == settings.seq_len
-            else f"{item.data} holds {manifest['tokens']} tokens: give at least {item.min_tokens}"
+            f"{item.data} holds {tokens} tokens, fewer than one block of --seq-len {seq_len}: give more text or "
+            "lower --seq-len"
         )
+    raise GQAConvertError(
+        f"{item.data} holds {tokens // seq_len} blocks of --seq-len {seq_len}, fewer than one micro-batch "
+        f"(--micro-batch-size {blocks}): lower --micro-batch-size or --seq-len, or give more data"
+    )
 
 
 def build(item: RunData, settings: TrainSettings, info: TokenizerInfo, folder: Path) -> dict[str, Any]:
@@ -250,7 +259,7 @@ def prepare_data(
 ) -> tuple[RunData, RunData | None, str | None]:
     """The run's token folders: made (machine rank 0), waited for (the others) or, for a dry run,
     tokenized into a scratch folder (returned third, for the caller to remove)."""
-    train = plan_data(settings.data, settings, info, out, settings.seq_len, need, head=False)
+    train = plan_data(settings.data, settings, info, out, settings.seq_len * settings.micro_batch_size, need, False)
     evaluation = None
     if settings.eval_data:
         evaluation = plan_data(settings.eval_data, settings, info, out, 2, settings.eval_tokens, head=True)

@@ -224,20 +224,20 @@ class Trainer:
         return {"eval_perplexity": round(result["perplexity"], 4), "eval_tokens": result["tokens"]}
 
     def log(self, record: dict[str, Any]) -> None:
-        with writing("metrics.jsonl", self._kept()):
+        with writing("metrics.jsonl", self._kept(), path=self.metrics.path):
             self.metrics.write(record)
 
     def checkpoint(self) -> None:
         fmt = STRATEGIES[self.plan.strategy].checkpoint_format
         folder = checkpoint_dir(self.plan.out, self.step)
-        with writing(f"checkpoint {folder.name}", self._kept()):
+        with writing(f"checkpoint {folder.name}", self._kept(), path=folder):
             save_checkpoint(self.strategy, folder, self.state_dict(), self.plan.identity, fmt)
             if self.runtime.is_main:
                 prune_checkpoints(self.plan.out, self.settings.keep_checkpoints)
         self.saved = self.step
 
     def export(self) -> None:
-        with writing("the final model", self._kept(), "rerun with --resume to export it"):
+        with writing("the final model", self._kept(), "rerun with --resume to export it", path=self.plan.out):
             export_model(self.strategy, self.plan, self.step, self.tokens)
 
     def _kept(self) -> str:

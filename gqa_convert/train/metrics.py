@@ -14,6 +14,8 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gqa_convert.errors import GQAConvertError
+
 METRICS = "metrics.jsonl"
 MAX_LINE = 1 << 16  # no record is longer; a longer line is not one of ours
 _COUNTS = ("step", "tokens", "eval_tokens")  # whole numbers (step from 1)
@@ -75,6 +77,8 @@ def trim_metrics(path: Path, step: int) -> None:
     lines that are not records are dropped with a warning."""
     if not path.exists():
         return
+    if path.is_symlink() or not path.is_file():
+        raise GQAConvertError(f"{path} is not a file this tool wrote: move it away and rerun with --resume")
     records, dropped = _records(path)
     if dropped:
         warnings.warn(f"{path.name}: dropped {dropped} unreadable line(s) left by a crash", stacklevel=2)

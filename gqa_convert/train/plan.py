@@ -136,7 +136,9 @@ def prepare(settings: TrainSettings, held: contextlib.ExitStack | None = None) -
         world=world,
         precision=precision,
     )
-    resume_step = choose_resume(out, identity, settings.trust_deepspeed_checkpoint) if settings.resume else None
+    resume_step = None
+    if settings.resume and not settings.dry_run:  # a dry run reads only the head of raw data: no identity
+        resume_step = choose_resume(out, identity, settings.trust_deepspeed_checkpoint)
     return TrainPlan(
         settings=settings,
         strategy=strategy.name,

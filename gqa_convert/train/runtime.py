@@ -200,8 +200,9 @@ _WRITER_FAILURES = ("PytorchStreamWriter failed", "unexpected pos")
 
 
 @contextlib.contextmanager
-def writing(what: str, kept: str, rerun: str = "rerun with --resume") -> Iterator[None]:
-    """A full disk or a refused write becomes one line: what was not written, what is kept, the fix."""
+def writing(what: str, kept: str, rerun: str = "rerun with --resume", path: Path | None = None) -> Iterator[None]:
+    """A full disk or a refused write becomes one line: what was not written (the file, else `path`),
+    what is kept, the fix."""
     try:
         yield
     except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
@@ -209,7 +210,7 @@ def writing(what: str, kept: str, rerun: str = "rerun with --resume") -> Iterato
         if cause is None:
             raise
         reason = cause.strerror or str(cause)
-        where = f": {cause.filename}" if cause.filename else ""
+        where = f": {cause.filename or path}" if cause.filename or path else ""
         action = "free space" if is_disk_full(cause) else "check the space and permissions of OUT"
         if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             action = "make OUT writable"

@@ -14,6 +14,7 @@ Saving and loading are collectives (every process calls them); choosing runs bef
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -45,7 +46,9 @@ def save_checkpoint(strategy: Any, folder: Path, state: dict[str, int], identity
     import torch.distributed as dist
 
     main = dist.get_rank() == 0
-    if main and folder.exists():  # left by a run killed mid-save, or a damaged one being replaced
+    if main and (folder.is_symlink() or folder.is_file()):
+        folder.unlink()  # a stray entry under this checkpoint's name (a link is removed, not what it points to)
+    elif main and folder.exists():  # left by a run killed mid-save, or a damaged one being replaced
         shutil.rmtree(folder)
     dist.barrier()
     try:
@@ -146,11 +149,17 @@ def read_trainer_state(folder: Path) -> dict[str, Any]:
     state = _read_json(folder / TRAINER_STATE)
     if not isinstance(state, dict):
         raise damaged(folder, f"{TRAINER_STATE} is not what this tool writes")
-    if state.get("format_version") != FORMAT_VERSION:
+    version = state.get("format_version")
+    if version is None:
         raise GQAConvertError(
             f"checkpoint {folder.name} was written by an earlier gqa-convert, whose checkpoint files are pickles, "
             "which this version does not read: finish that run with the version that began it, or start afresh "
             "with --force"
+        )
+    if version != FORMAT_VERSION:
+        raise GQAConvertError(
+            f"checkpoint {folder.name} is of checkpoint format {str(version)[:20]}, this gqa-convert reads format "
+            f"{FORMAT_VERSION}: resume it with the version that wrote it, or start afresh with --force"
         )
     match = _STEP.fullmatch(folder.name)
     if not (_count(state.get("step"), 1) and _count(state.get("tokens")) and isinstance(state.get("run"), dict)):
@@ -231,14 +240,23 @@ def complete_checkpoints(out: Path) -> list[Path]:
     folder = out / "checkpoints"
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if _STEP.fullmatch(p.name) and (p / COMPLETE).exists())
+    found = []
+    for path in sorted(folder.iterdir()):
+        if _STEP.fullmatch(path.name) and (path / COMPLETE).exists():
+            if path.is_symlink():  # what it holds lies outside OUT: never read, never removed
+                warnings.warn(f"checkpoint {path.name} is a link to {os.readlink(path)}: skipped", stacklevel=3)
+            else:
+                found.append(path)
+    return found
 
 
 def choose_resume(out: Path, identity: dict[str, Any], trust_deepspeed: bool) -> int | None:
     """The step of the newest intact checkpoint (damaged ones skipped with a warning), checked against
     this run's identity (the resume contract); None to start from the beginning."""
-    skipped = []
-    for folder in reversed(complete_checkpoints(out)):
+    skipped, found = [], complete_checkpoints(out)
+    if not found:
+        warnings.warn(f"--resume: {out} holds no checkpoint yet: training starts from the beginning", stacklevel=2)
+    for folder in reversed(found):
         problem = check_checkpoint(folder)
         if problem is None:
             saved = read_trainer_state(folder)
@@ -250,10 +268,13 @@ def choose_resume(out: Path, identity: dict[str, Any], trust_deepspeed: bool) ->
                     f"{out}; else start afresh with --force (ddp and fsdp2 checkpoints hold no code)"
                 )
             return saved["step"]
-        skipped.append(folder.name)
+        skipped.append(f"{folder.name}: {problem}")
         warnings.warn(f"checkpoint {folder.name} is damaged ({problem}): skipped", stacklevel=2)
-    if skipped:
-        warnings.warn("no intact checkpoint is left: training starts from the beginning", stacklevel=2)
+    if skipped:  # never start over silently: the damaged ones would be pruned as training goes on
+        raise GQAConvertError(
+            f"--resume: no intact checkpoint in {out} ({'; '.join(skipped)[:400]}): restore one, or start afresh "
+            "with --force"
+        )
     return None
 
 
