@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.io.output import output_lock
-from gqa_convert.train.checkpoint import choose_resume
+from gqa_convert.train.checkpoint import newest_intact
 from gqa_convert.train.launch import uptrain
 from gqa_convert.train.metrics import read_metrics
 from gqa_convert.train.settings import TrainSettings
@@ -176,12 +176,11 @@ def test_tampered_checkpoint_json_is_skipped_with_a_warning(finished, tmp_path, 
     for the one before it (resuming from it is tested end to end in test_resume.py)."""
     out = copy_run(finished, tmp_path)
     folder = out / NEWEST
-    identity = json.loads((folder / "trainer_state.json").read_text())["run"]
     (folder / file).write_text(content)
     if file != "COMPLETE":
         rewrite_complete(folder)
     with pytest.warns(UserWarning, match=rf"checkpoint step-00000004 is damaged \(.*{expected}"):
-        assert choose_resume(out, identity, trust_deepspeed=False) == 2
+        assert newest_intact(out, trust_deepspeed=False).step == 2
 
 
 def test_tampered_metrics_lines_are_dropped_not_a_traceback(models, finished, tmp_path):
@@ -212,6 +211,7 @@ def test_tampered_metrics_lines_are_dropped_not_a_traceback(models, finished, tm
         ),
         ("finished", ["--trainable", "attention"], "--trainable all", "--trainable attention"),
         ("finished", ["--model", "teacher"], "a model llama", "a model llama"),
+        ("finished", ["--data", "technical"], "data of 1331 tokens", "data of"),  # tokenized, then removed
     ],
 )
 def test_resume_refuses_what_the_contract_says_must_stay(
@@ -222,7 +222,8 @@ def test_resume_refuses_what_the_contract_says_must_stay(
     model = models["model"]
     if change[:1] == ["--model"]:
         model, change = models[change[1]], change[2:]
-    change = [models[c] if c in ("teacher", "model") else c for c in change]
+    others = {**models, "technical": Path(__file__).parent / "data" / "technical.txt"}
+    change = [others[c] if c in ("teacher", "model", "technical") else c for c in change]
     message = fails(["uptrain", model, "-o", out, *ARGS, *change, "--resume"], "step-00000004 was trained with")
     assert before in message.split("this run has")[0] and after in message.split("this run has")[1], message
     assert snapshot(out) == state
@@ -336,7 +337,10 @@ def test_ids_outside_the_vocabulary_are_refused_before_a_forward(models, tmp_pat
     before = snapshot(tokens)
     fails(["uptrain", model, "-o", out, *ARGS, *extra], expected)
     assert snapshot(tokens) == before
-    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+    if case == "shard ids":  # found in a batch, after the run began: no step was trained
+        assert not any((out / "checkpoints").iterdir()) and not (out / "metrics.jsonl").exists()
+    else:
+        assert not out.exists()
 
 
 @pytest.mark.parametrize(

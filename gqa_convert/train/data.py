@@ -116,7 +116,14 @@ def _options(settings: TrainSettings, max_tokens: int | None) -> TokenizeOptions
 
 
 def plan_data(
-    data: str, settings: TrainSettings, info: TokenizerInfo, out: Path, min_tokens: int, max_tokens: int, head: bool
+    data: str,
+    settings: TrainSettings,
+    info: TokenizerInfo,
+    out: Path,
+    min_tokens: int,
+    max_tokens: int,
+    head: bool,
+    vocab_size: int,
 ) -> RunData:
     """Where `data`'s tokens are (a given token folder, checked) or will be (OUT/data/<fingerprint>)."""
     if is_token_folder(data):
@@ -127,6 +134,7 @@ def plan_data(
             warnings.warn(f"{', '.join(ignored)} ignored: {data} is already tokenized", stacklevel=2)
         manifest = read_manifest(data)
         check_tokenizer(manifest, info.tokenizer, data, settings.model)
+        check_token_ids(manifest, vocab_size, data, settings.model)
         folder = Path(data).resolve()
         if settings.force and out in folder.parents:
             raise GQAConvertError(f"{data} is inside {out}, which --force replaces: move it out of {out} first")
@@ -180,11 +188,11 @@ def _finished(item: RunData) -> bool:
         return False
 
 
-def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo, out: Path) -> None:
+def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo, out: Path) -> list[Path]:
     """Machine rank 0: tokenize what OUT/data lacks (beside OUT), check every folder, replace OUT
     under --force (keeping the token folders this run uses), then make OUT and move the new folders in.
     A token folder of OUT/data that is damaged (its manifest unreadable, a shard of another size) is
-    tokenized again and replaced."""
+    tokenized again and replaced. Returns the token folders it moved into OUT."""
     moving = [item for item in items if item.raw and not _finished(item)]
     for item in moving:
         if item.folder.exists():
@@ -211,6 +219,7 @@ def make_data(items: list[RunData], settings: TrainSettings, info: TokenizerInfo
         if item.folder.is_dir() and not item.folder.is_symlink():
             shutil.rmtree(item.folder)  # the damaged folder of this very job (named by its fingerprint)
         ready_folder(out, item).rename(item.folder)
+    return [item.folder for item in moving]
 
 
 def _signs_of_progress(out: Path, item: RunData) -> tuple[int, bool]:
@@ -255,21 +264,24 @@ def dry_run_data(items: list[RunData], settings: TrainSettings, info: TokenizerI
 
 
 def prepare_data(
-    settings: TrainSettings, info: TokenizerInfo, out: Path, need: int, rank: int
-) -> tuple[RunData, RunData | None, str | None]:
+    settings: TrainSettings, info: TokenizerInfo, out: Path, need: int, rank: int, vocab_size: int
+) -> tuple[RunData, RunData | None, str | None, list[Path]]:
     """The run's token folders: made (machine rank 0), waited for (the others) or, for a dry run,
-    tokenized into a scratch folder (returned third, for the caller to remove)."""
-    train = plan_data(settings.data, settings, info, out, settings.seq_len * settings.micro_batch_size, need, False)
+    tokenized into a scratch folder (returned third, for the caller to remove); and the folders this
+    call moved into OUT."""
+    blocks = settings.seq_len * settings.micro_batch_size  # the training data holds one micro-batch
+    train = plan_data(settings.data, settings, info, out, blocks, need, False, vocab_size)
     evaluation = None
     if settings.eval_data:
-        evaluation = plan_data(settings.eval_data, settings, info, out, 2, settings.eval_tokens, head=True)
+        evaluation = plan_data(settings.eval_data, settings, info, out, 2, settings.eval_tokens, True, vocab_size)
     items = [train] if evaluation is None else [train, evaluation]
     if settings.dry_run:
         scratch = dry_run_data(items, settings, info, out)
         moved = [replace(item, folder=scratch / item.folder.name) if item.raw else item for item in items]
-        return moved[0], (moved[1] if evaluation else None), str(scratch)
+        return moved[0], (moved[1] if evaluation else None), str(scratch), []
+    added = []
     if rank == 0:
-        make_data(items, settings, info, out)
+        added = make_data(items, settings, info, out)
     else:
         wait_for_data(items, settings, out, rank)
-    return train, evaluation, None
+    return train, evaluation, None, added

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +26,9 @@ from gqa_convert.io.output import guard_output, output_lock, write_error
 from gqa_convert.io.provenance import read_record
 from gqa_convert.io.sources import check_model_folder, load_tokenizer, model_config
 from gqa_convert.train.accelerate_yaml import AccelerateConfig, read_accelerate_config
-from gqa_convert.train.checkpoint import choose_resume
-from gqa_convert.train.checkpoint.contract import model_identity, run_identity
-from gqa_convert.train.data import check_token_ids, check_tokenizer_fits, prepare_data
+from gqa_convert.train.checkpoint import newest_intact
+from gqa_convert.train.checkpoint.contract import check_compatible, model_identity, run_identity
+from gqa_convert.train.data import check_tokenizer_fits, prepare_data
 from gqa_convert.train.settings import TrainSettings
 from gqa_convert.train.strategies import resolve_strategy
 
@@ -116,29 +117,35 @@ def prepare(settings: TrainSettings, held: contextlib.ExitStack | None = None) -
     steps, origin = resolve_budget(settings, step_tokens)
     info = tokenizer_info(load_tokenizer(settings.model))
     check_tokenizer_fits(info.tokenizer, config.vocab_size, settings.model)
-    need = (step_tokens if settings.dry_run else steps * step_tokens) + settings.seq_len
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        train, evaluation, scratch = prepare_data(settings, info, out, need, rank)
-    except OSError as error:
-        raise (write_error(error, out) or error) from None
-    for item in (train, evaluation):
-        if item is not None:
-            check_token_ids(read_manifest(item.folder), config.vocab_size, item.data, settings.model)
-    identity = run_identity(
-        settings,
+    facts = dict(
         model=model_identity(config, info.identity["fingerprint"]),
         teacher=model_identity(model_config(settings.teacher)) if settings.teacher else None,
         global_batch=step_tokens // settings.seq_len,
         steps=steps,
-        data=str(train.folder),
         checkpoint_format=strategy.checkpoint_format,
         world=world,
         precision=precision,
     )
-    resume_step = None
+    # the checkpoint to continue, checked against everything but the data before any data is tokenized
+    resume = None
     if settings.resume and not settings.dry_run:  # a dry run reads only the head of raw data: no identity
-        resume_step = choose_resume(out, identity, settings.trust_deepspeed_checkpoint)
+        resume = newest_intact(out, settings.trust_deepspeed_checkpoint)
+    if resume is not None:
+        check_compatible(resume.run, run_identity(settings, data=None, **facts), resume.folder.name)
+    need = (step_tokens if settings.dry_run else steps * step_tokens) + settings.seq_len
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        train, evaluation, scratch, added = prepare_data(settings, info, out, need, rank, config.vocab_size)
+    except OSError as error:
+        raise (write_error(error, out) or error) from None
+    identity = run_identity(settings, data=str(train.folder), **facts)
+    if resume is not None:
+        try:
+            check_compatible(resume.run, identity, resume.folder.name)
+        except GQAConvertError:
+            for folder in added:  # tokenized by this run for nothing: OUT is left as it was
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
     return TrainPlan(
         settings=settings,
         strategy=strategy.name,
@@ -152,7 +159,7 @@ def prepare(settings: TrainSettings, held: contextlib.ExitStack | None = None) -
         eval_tokens=str(evaluation.folder) if evaluation else None,
         scratch=scratch,
         identity=identity,
-        resume_step=resume_step,
+        resume_step=resume.step if resume is not None else None,
     )
 
 

@@ -20,13 +20,13 @@ import re
 import shutil
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gqa_convert.errors import GQAConvertError, one_line
-from gqa_convert.train.checkpoint.contract import check_compatible
 from gqa_convert.train.checkpoint.storage import Damaged, damaged, read_index
 
 COMPLETE = "COMPLETE"
@@ -250,9 +250,20 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return found
 
 
-def choose_resume(out: Path, identity: dict[str, Any], trust_deepspeed: bool) -> int | None:
-    """The step of the newest intact checkpoint (damaged ones skipped with a warning), checked against
-    this run's identity (the resume contract); None to start from the beginning."""
+@dataclass(frozen=True)
+class Resumable:
+    """The checkpoint --resume continues from: its folder, step, and the run identity it recorded."""
+
+    folder: Path
+    step: int
+    run: dict[str, Any]
+
+
+def newest_intact(out: Path, trust_deepspeed: bool) -> Resumable | None:
+    """The newest intact checkpoint of OUT (damaged ones skipped with a warning); None when OUT holds
+    none yet (the run stopped before its first). Refused in one line when every one is damaged, or it
+    is a DeepSpeed checkpoint (pickles) without trust_deepspeed. Its identity is checked by the caller
+    (contract.check_compatible)."""
     skipped, found = [], complete_checkpoints(out)
     if not found:
         warnings.warn(f"--resume: {out} holds no checkpoint yet: training starts from the beginning", stacklevel=2)
@@ -260,14 +271,13 @@ def choose_resume(out: Path, identity: dict[str, Any], trust_deepspeed: bool) ->
         problem = check_checkpoint(folder)
         if problem is None:
             saved = read_trainer_state(folder)
-            check_compatible(saved["run"], identity, folder.name)
-            if saved["run"]["format"] == "deepspeed" and not trust_deepspeed:
+            if saved["run"].get("format") == "deepspeed" and not trust_deepspeed:
                 raise GQAConvertError(
                     f"--resume: {folder.name} is a DeepSpeed checkpoint, whose files are pickles that run code when "
                     "loaded: pass --trust-deepspeed-checkpoint if you wrote it and no one else can write "
                     f"{out}; else start afresh with --force (ddp and fsdp2 checkpoints hold no code)"
                 )
-            return saved["step"]
+            return Resumable(folder, saved["step"], saved["run"])
         skipped.append(f"{folder.name}: {problem}")
         warnings.warn(f"checkpoint {folder.name} is damaged ({problem}): skipped", stacklevel=2)
     if skipped:  # never start over silently: the damaged ones would be pruned as training goes on

@@ -119,18 +119,22 @@ def token_data_identity(folder: str) -> str:
 
 
 def run_identity(settings: TrainSettings, **facts: Any) -> dict[str, Any]:
-    """The values of the terms that must stay, as each checkpoint records them."""
-    resolved = Facts(settings=settings, **{**facts, "data": token_data_identity(facts["data"])})
-    return {term.key: term.value(resolved) for term in RECORDED}
+    """The values of the terms that must stay, as each checkpoint records them. `data` is a token
+    folder, or None before the data is tokenized (its term is then left out)."""
+    data = token_data_identity(facts["data"]) if facts["data"] is not None else None
+    resolved = Facts(settings=settings, **{**facts, "data": data})
+    return {term.key: term.value(resolved) for term in RECORDED if not (term.key == "data" and data is None)}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], checkpoint: str) -> None:
-    """Refuse, in one line listing each difference, to resume a checkpoint with settings it cannot take."""
+    """Refuse, in one line listing each difference, to resume a checkpoint with settings it cannot take
+    (the terms `current` holds: all of them once the data is known)."""
     deepspeed = saved.get("format") == "deepspeed" == current["format"]
     changed = [
         term
         for term in RECORDED
-        if (term.rule == MUST_STAY or (term.rule == STAYS_UNDER_DEEPSPEED and deepspeed))
+        if term.key in current
+        and (term.rule == MUST_STAY or (term.rule == STAYS_UNDER_DEEPSPEED and deepspeed))
         and saved.get(term.key) != current[term.key]
     ]
     if changed:
