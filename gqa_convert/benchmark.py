@@ -18,6 +18,7 @@ import torch
 from gqa_convert.arch import architecture_for, check_seq_len, kv_heads_of
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import EVAL_DTYPES, compute_dtype
+from gqa_convert.io.gguf import is_gguf
 from gqa_convert.io.sources import check_model_folder
 from gqa_convert.options import Options, option
 from gqa_convert.units import human_bytes
@@ -124,7 +125,7 @@ def bench_models(models: list[str], options: BenchOptions | None = None) -> list
     if not models:
         raise GQAConvertError("give at least one model folder")
     for model in models:
-        check_seq_len(options.seq_len + options.new_tokens, check_model_folder(Path(model)))
+        check_positions(options, check_model_folder(_transformers_folder(model)))
     context = multiprocessing.get_context("spawn")
     results = []
     for model in models:
@@ -136,6 +137,27 @@ def bench_models(models: list[str], options: BenchOptions | None = None) -> list
             raise GQAConvertError(f"benchmarking {model} failed (exit code {process.exitcode}); see the messages above")
         results.append(BenchResult(**queue.get()))
     return results
+
+
+def _transformers_folder(model: str) -> Path:
+    if is_gguf(Path(model)):
+        raise GQAConvertError(
+            f"{model} is a GGUF file and bench measures transformers folders: convert it first "
+            f"(gqa-convert pool {model} -o FOLDER --kv-heads N), or measure it with llama.cpp's llama-bench"
+        )
+    return Path(model)
+
+
+def check_positions(options: BenchOptions, config: Any) -> None:
+    """The prompt and the decoded tokens together must fit the model's positions."""
+    check_seq_len(options.seq_len, config)
+    positions = getattr(config, "max_position_embeddings", None)
+    needed = options.seq_len + options.new_tokens
+    if positions is not None and needed > positions:
+        raise GQAConvertError(
+            f"--seq-len {options.seq_len} plus --new-tokens {options.new_tokens} is {needed} positions, above the "
+            f"model's {positions}: lower --seq-len or --new-tokens"
+        )
 
 
 def format_bench(results: list[BenchResult]) -> str:

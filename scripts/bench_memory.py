@@ -45,8 +45,7 @@ def full_logits_loss(student, teacher, ids, weight: float, temperature: float):
 def chunked_loss(student, teacher, ids, weight: float, temperature: float):
     import torch
 
-    from gqa_convert.train.losses import Weights
-    from gqa_convert.train.modules import head_of
+    from gqa_convert.train.losses import Weights, head_of
 
     with torch.no_grad():
         hidden = teacher(ids)
@@ -60,7 +59,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gqa_convert.train.modules import CausalLMWithChunkedLoss, FrozenTeacher
+    from gqa_convert.train.losses import CausalLMWithChunkedLoss, FrozenTeacher
 
     def config(kv_heads: int) -> LlamaConfig:
         return LlamaConfig(

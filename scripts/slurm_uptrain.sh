@@ -99,7 +99,10 @@ fi
 
 # DATA: best a token folder made once by `gqa-convert tokenize`; raw data is tokenized by the first node
 # while the others wait for it (up to --timeout-minutes without progress; pass it in EXTRA_ARGS).
-# --resume: a fresh OUT starts at step 0, a requeued job continues from its last checkpoint.
+# --resume when OUT holds a run (OUT/checkpoints, made when a run starts): a requeued or resubmitted job
+# continues from its last checkpoint; a fresh OUT starts at step 0. Decided once, here, for every node.
+RESUME=()
+[[ -d $OUT/checkpoints ]] && RESUME=(--resume)
 # The machine rank is read on each node, inside the step. A node granted another GPU count than the
 # first one would make a wrong world size (a hung rendezvous): it stops instead.
 export PROCS_PER_NODE PROCS_PER_NODE_FORCED
@@ -113,6 +116,6 @@ srun --kill-on-bad-exit=1 --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node
   exec gqa-convert uptrain "$@" --machine-rank "$SLURM_NODEID"' _ \
   "$MODEL" -o "$OUT" --data "$DATA" --tokens "$TOKENS" \
   --num-processes "$WORLD" --num-machines "$NNODES" \
-  --main-process-ip "$HEAD" --main-process-port "$PORT" --resume "${EXTRA[@]}" && status=0 || status=$?
+  --main-process-ip "$HEAD" --main-process-port "$PORT" "${RESUME[@]}" "${EXTRA[@]}" && status=0 || status=$?
 echo "[$(date '+%F %T')] end: job $SLURM_JOB_ID restart count ${SLURM_RESTART_COUNT:-0} exit status $status"
 exit "$status"

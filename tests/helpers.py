@@ -107,3 +107,26 @@ def save_byte_tokenizer(folder: Path) -> transformers.PreTrainedTokenizerFast:
     )
     fast.save_pretrained(folder)
     return fast
+
+
+def checkpoint_tensors(folder: Path, prefix: str = "model.causal_lm.") -> dict[str, torch.Tensor]:
+    """The whole tensors of a checkpoint's state under `prefix`, assembled here from its pieces as the
+    index (state.json) places them: an oracle independent of the loader's resharding."""
+    import json
+
+    from safetensors import safe_open
+
+    index = json.loads((folder / "state.json").read_text())["tensors"]
+    tensors = {}
+    for name, entry in index.items():
+        if not name.startswith(prefix):
+            continue
+        dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64"}[entry["dtype"]])
+        whole = torch.zeros(entry["size"], dtype=dtype)
+        for chunk in entry["chunks"]:
+            with safe_open(str(folder / chunk["file"]), "pt") as handle:
+                piece = handle.get_tensor(chunk["key"])
+            place = tuple(slice(o, o + n) for o, n in zip(chunk["offsets"], chunk["sizes"]))
+            whole[place] = piece
+        tensors[name.removeprefix(prefix)] = whole
+    return tensors

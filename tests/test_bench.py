@@ -28,3 +28,19 @@ def test_cache_bytes_follow_the_kv_heads(tmp_path):
         assert result.decode_tokens_per_s > 0 and result.peak_memory_bytes > 0
     text = CliRunner().invoke(app, ["bench", folders[-1], "--seq-len", "8", "--new-tokens", "2", "--json"]).stdout
     assert [row["kv_heads"] for row in json.loads(text)] == [1]
+
+
+def test_bench_messages_name_what_bench_was_given(tmp_path):
+    """A GGUF is named as bench's input, not as training's; too many positions names both flags."""
+    from helpers import fails
+
+    build_tiny(tmp_path / "gqa", "llama", max_position_embeddings=256)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    message = fails(["bench", gguf], "is a GGUF file and bench measures transformers folders", "llama-bench")
+    assert "trains" not in message
+    message = fails(
+        ["bench", tmp_path / "gqa", "--seq-len", 250, "--new-tokens", 20], "--seq-len 250 plus --new-tokens 20"
+    )
+    assert "is 270 positions, above the model's 256" in message and "--seq-len 270" not in message
+    fails(["bench", tmp_path / "gqa", "--seq-len", 300], "--seq-len 300 is above the model's 256 positions")

@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from helpers import checkpoint_tensors
 from tiny_models import build_trainable, save_tiny_tokenizer
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -108,7 +109,7 @@ def test_fsdp2_shards_and_tracks_ddp(fsdp2_run, ddp_run):
         assert sum(held) == total and all(0.4 * total < h < 0.6 * total for h in held), (name, held, total)
         assert all(whole[rank][name] == (total, total) for rank in (0, 1)), name
     files = {p.name: p.stat().st_size for p in (fsdp2_out / "checkpoints" / "step-00000024").iterdir()}
-    shard_bytes = [files["__0_0.distcp"], files["__1_0.distcp"]]
+    shard_bytes = [files["state-rank00000.safetensors"], files["state-rank00001.safetensors"]]
     assert min(shard_bytes) > 0.4 * sum(shard_bytes), shard_bytes  # each rank wrote its half
     gap = worst_gap(losses(fsdp2_out), losses(ddp_out))
     print(f"FSDP2 vs DDP: max relative loss gap {gap:.3e} over {STEPS} steps")
@@ -118,15 +119,12 @@ def test_fsdp2_shards_and_tracks_ddp(fsdp2_run, ddp_run):
 
 
 def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     out = fsdp2_run[0]
-    dcp_to_torch_save(out / "checkpoints" / "step-00000024", tmp_path / "final.pt")
-    trained = torch.load(tmp_path / "final.pt")["model"]
+    trained = checkpoint_tensors(out / "checkpoints" / "step-00000024")  # assembled from both ranks' pieces
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert exported.config.num_key_value_heads == 2
     for name, tensor in exported.state_dict().items():
-        assert torch.equal(tensor, trained[f"causal_lm.{name}"]), name
+        assert torch.equal(tensor, trained[name]), name
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = exported(input_ids=ids).logits

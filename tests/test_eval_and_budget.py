@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.train.budget import known_pretraining_tokens, resolve_budget
+from gqa_convert.train.plan import known_pretraining_tokens, resolve_budget
+from gqa_convert.train.settings import TrainSettings
 from gqa_convert.units import parse_tokens
 
 from helpers import fails
@@ -77,19 +78,24 @@ def test_budget_from_the_known_table_via_provenance(tmp_path):
     folder.mkdir()
     (folder / "gqa_convert.json").write_text(json.dumps({"source": "/x/SmolLM2-135M-Instruct.Q4_1.gguf"}))
     assert known_pretraining_tokens(folder) == (2 * 10**12, "smollm2-135m")
-    budget = resolve_budget(folder, None, 0.05, None, global_batch_tokens=1 << 20)
-    assert budget.tokens_requested == 10**11 and budget.steps == math.ceil(10**11 / (1 << 20))
-    assert budget.tokens == budget.steps * (1 << 20) >= 10**11
+
+    def budget(model: Path, **settings: object) -> tuple[int, str]:
+        return resolve_budget(TrainSettings(model=str(model), out="o", data="d", **settings), step_tokens=1 << 20)
+
+    steps, origin = budget(folder, fraction=0.05)
+    assert steps == math.ceil(10**11 / (1 << 20)) and steps * (1 << 20) >= 10**11  # whole steps, at most one above
+    assert origin == "0.05 x 2,000,000,000,000 tokens (published budget of smollm2-135m)"
     other = tmp_path / "Llama-2-7b-hf"
     other.mkdir()
     assert known_pretraining_tokens(other) == (2 * 10**12, "llama-2-7b")
     unknown = tmp_path / "my-model"
     unknown.mkdir()
     with pytest.raises(GQAConvertError, match="--tokens"):
-        resolve_budget(unknown, None, 0.05, None, 1000)
-    assert resolve_budget(unknown, None, 0.01, "1B", 1000).tokens_requested == 10**7
+        budget(unknown)
+    expected = (math.ceil(10**10 / (1 << 20)), "0.01 x 1,000,000,000,000 tokens (--original-tokens 1000000000000)")
+    assert budget(unknown, fraction=0.01, original_tokens="1T") == expected
     with pytest.raises(GQAConvertError, match="smaller than one optimizer step"):
-        resolve_budget(unknown, "100", 0.05, None, 1000)
+        budget(unknown, tokens="100")
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqa_convert.train.losses import IGNORE_INDEX, Head, Weights, head_losses
-from gqa_convert.train.modules import CausalLMWithChunkedLoss, FrozenTeacher, head_of
+from gqa_convert.train.losses import (
+    IGNORE_INDEX,
+    CausalLMWithChunkedLoss,
+    FrozenTeacher,
+    Head,
+    Weights,
+    head_losses,
+    head_of,
+)
 
 from tiny_models import TINY, VOCAB, tiny_config
 

@@ -26,7 +26,7 @@ from gqa_convert.io.writer import ShardedWriter
 from gqa_convert.train.launch import uptrain
 from gqa_convert.train.settings import TrainSettings
 
-from helpers import fails
+from helpers import checkpoint_tensors, fails
 from tiny_models import build_trainable
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -60,13 +60,6 @@ def finished(model_dir, tmp_path_factory) -> Path:
     uptrain(settings(model_dir, out))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-0000000{s}" for s in (4, 6, 8)]
     return out
-
-
-def final_checkpoint_model(folder: Path, scratch: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    dcp_to_torch_save(folder, scratch / "checkpoint.pt")
-    return {k.removeprefix("causal_lm."): v for k, v in torch.load(scratch / "checkpoint.pt")["model"].items()}
 
 
 @pytest.mark.parametrize(
@@ -133,11 +126,11 @@ def test_a_ddp_checkpoint_resumes_under_fsdp2(model_dir, finished, tmp_path):
 def test_damaged_checkpoints_are_skipped_and_a_torn_metrics_line_tolerated(model_dir, finished, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(finished, out)
-    shard = out / "checkpoints" / "step-00000008" / "__0_0.distcp"
+    shard = out / "checkpoints" / "step-00000008" / "state-rank00000.safetensors"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other bytes
     shard.write_bytes(bytes(data))
-    with open(out / "checkpoints" / "step-00000006" / "__0_0.distcp", "r+b") as handle:
+    with open(out / "checkpoints" / "step-00000006" / "state-rank00000.safetensors", "r+b") as handle:
         handle.truncate(1000)
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 9, "lo')  # a line cut short by a crash
@@ -145,8 +138,8 @@ def test_damaged_checkpoints_are_skipped_and_a_torn_metrics_line_tolerated(model
         result = runner.invoke(app, [str(a) for a in ["uptrain", model_dir, "-o", out, *ARGS, "--resume"]])
     assert result.exit_code == 0, result.output
     warned = " | ".join(str(warning.message) for warning in caught)
-    assert "checkpoint step-00000008 is damaged (__0_0.distcp does not hold the bytes" in warned
-    assert "checkpoint step-00000006 is damaged (__0_0.distcp has 1,000 bytes" in warned
+    assert "checkpoint step-00000008 is damaged (state-rank00000.safetensors does not hold the bytes" in warned
+    assert "checkpoint step-00000006 is damaged (state-rank00000.safetensors has 1,000 bytes" in warned
     assert "metrics.jsonl: dropped 1 unreadable line" in warned
     assert "resumed from step-00000004" in result.output
     rows, expected = metrics(out), metrics(finished)
@@ -194,6 +187,6 @@ def test_failed_export_keeps_the_final_checkpoint_and_resume_exports(model_dir, 
     trained = (out / "metrics.jsonl").read_text()
     uptrain(settings(model_dir, out, resume=True))
     assert (out / "metrics.jsonl").read_text() == trained  # exported without training
-    expected = final_checkpoint_model(out / "checkpoints" / "step-00000008", tmp_path)
+    expected = checkpoint_tensors(out / "checkpoints" / "step-00000008")
     for name, tensor in AutoModelForCausalLM.from_pretrained(out).state_dict().items():
         assert torch.equal(tensor, expected[name]), name

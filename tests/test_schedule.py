@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gqa_convert.train.schedule import learning_rate
+from gqa_convert.train.loop import learning_rate
 
 
 def test_warmup_then_cosine_to_the_floor():

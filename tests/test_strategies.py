@@ -11,10 +11,12 @@ import pytest
 import yaml
 
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.train.checkpoints import TRAINER_STATE, check_compatible, run_identity
+from gqa_convert.train.accelerate_yaml import read_accelerate_config
+from gqa_convert.train.checkpoint.contract import check_compatible, run_identity
 from gqa_convert.train.launch import launch_command
-from gqa_convert.train.settings import TrainPlan, TrainSettings
-from gqa_convert.train.strategy import resolve_strategy
+from gqa_convert.train.plan import TrainPlan
+from gqa_convert.train.settings import TrainSettings
+from gqa_convert.train.strategies import resolve_strategy
 
 from helpers import fails
 from tiny_models import build_trainable
@@ -27,6 +29,13 @@ def settings(**extra: object) -> TrainSettings:
     return TrainSettings(model="m", out="o", data="d", **extra)
 
 
+def resolved(**extra: object) -> str:
+    """The strategy a run of these settings gets on a machine without GPUs."""
+    chosen = settings(**extra)
+    yaml = read_accelerate_config(chosen.accelerate_config) if chosen.accelerate_config else None
+    return resolve_strategy(chosen.strategy, yaml, "no", cuda=False).name
+
+
 def yaml_file(tmp_path: Path, **config: object) -> str:
     path = tmp_path / "accelerate.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -34,13 +43,13 @@ def yaml_file(tmp_path: Path, **config: object) -> str:
 
 
 def test_strategy_from_the_flag_and_the_yaml():
-    assert resolve_strategy(settings()) == "ddp"
-    assert resolve_strategy(settings(strategy="fsdp2")) == "fsdp2"
-    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "fsdp2.yaml"))) == "fsdp2"
-    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "fsdp2.yaml"), strategy="fsdp2")) == "fsdp2"
+    assert resolved() == "ddp"
+    assert resolved(strategy="fsdp2") == "fsdp2"
+    assert resolved(accelerate_config=str(CONFIGS / "fsdp2.yaml")) == "fsdp2"
+    assert resolved(accelerate_config=str(CONFIGS / "fsdp2.yaml"), strategy="fsdp2") == "fsdp2"
     # a plain multi-process YAML says how many processes, not how to shard
-    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "two_node.yaml"), strategy="fsdp2")) == "fsdp2"
-    assert resolve_strategy(settings(accelerate_config=str(CONFIGS / "multi_gpu_ddp.yaml"))) == "ddp"
+    assert resolved(accelerate_config=str(CONFIGS / "two_node.yaml"), strategy="fsdp2") == "fsdp2"
+    assert resolved(accelerate_config=str(CONFIGS / "multi_gpu_ddp.yaml")) == "ddp"
 
 
 @pytest.mark.parametrize(
@@ -50,7 +59,11 @@ def test_strategy_from_the_flag_and_the_yaml():
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 1}}, "auto", "FSDP version 1"),
         ({"distributed_type": "FSDP"}, "fsdp2", "FSDP version 1"),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 2}}, "auto", "stage 2"),
-        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "auto", "needs GPUs"),
+        (
+            {"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}},
+            "auto",
+            "deepspeed strategy needs GPUs",
+        ),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 3}}, "fsdp2", "conflicts with"),
         ({"distributed_type": "MULTI_GPU"}, "deepspeed", "configs/deepspeed_zero3.yaml"),
         ({"distributed_type": "XLA"}, "auto", "not supported"),
@@ -58,7 +71,7 @@ def test_strategy_from_the_flag_and_the_yaml():
 )
 def test_refused_choices(tmp_path, config, strategy, expected):
     with pytest.raises(GQAConvertError, match=expected):
-        resolve_strategy(settings(accelerate_config=yaml_file(tmp_path, **config), strategy=strategy))
+        resolved(accelerate_config=yaml_file(tmp_path, **config), strategy=strategy)
 
 
 def test_yaml_settings_not_applied_are_named(tmp_path):
@@ -68,7 +81,7 @@ def test_yaml_settings_not_applied_are_named(tmp_path):
         "fsdp_config": {"fsdp_version": 2, "fsdp_offload_params": True},
     }
     with pytest.warns(UserWarning, match=r"ignored: mixed_precision bf16 .*; fsdp_offload_params: True"):
-        resolve_strategy(settings(accelerate_config=yaml_file(tmp_path, **config)))
+        resolved(accelerate_config=yaml_file(tmp_path, **config))
 
 
 def test_refused_before_any_work(tmp_path):
@@ -77,12 +90,13 @@ def test_refused_before_any_work(tmp_path):
     out = tmp_path / "out"
     args = ["uptrain", model, "-o", out, "--data", SAMPLE, "--seq-len", 32, "--tokens", 1024]
     fails([*args, "--accelerate-config", CONFIGS / "fsdp2.yaml", "--strategy", "ddp"], "conflicts with", "fsdp2")
-    fails([*args, "--accelerate-config", CONFIGS / "deepspeed_zero3.yaml"], "DeepSpeed needs GPUs")
+    fails([*args, "--accelerate-config", CONFIGS / "deepspeed_zero3.yaml"], "deepspeed strategy needs GPUs")
     assert not out.exists()
 
 
 def plan(strategy: str, world: int, accum: int = 1, tokens: str = "train-x", **extra: object) -> TrainPlan:
-    return TrainPlan(settings(**extra), world, accum, 10, "", tokens, strategy=strategy)
+    precision = "bf16" if strategy == "deepspeed" else "no"
+    return TrainPlan(settings(**extra), strategy, precision, world, accum, 10, "", 320, tokens)
 
 
 def empty_token_folder(folder: Path) -> str:
@@ -121,19 +135,21 @@ def test_a_worker_refuses_sharding_the_launcher_set_up(monkeypatch):
 def test_world_size_may_change_except_under_deepspeed(tmp_path):
     """DCP reshards onto another world size; DeepSpeed's partitioned files are refused in one line."""
     tokens = empty_token_folder(tmp_path / "tokens")
-    for strategy in ("fsdp2", "deepspeed"):
-        folder = tmp_path / strategy / "step-00000010"
-        folder.mkdir(parents=True)
-        state = {"step": 10, "tokens": 0, "run": run_identity(plan(strategy, 8, tokens=tokens))}
-        (folder / TRAINER_STATE).write_text(json.dumps(state))
-        smaller = plan(strategy, 4, accum=2, tokens=tokens)  # the same global batch on half the processes
-        if strategy == "fsdp2":
-            check_compatible(folder, smaller)
+
+    def identity(fmt: str, world: int, global_batch: int) -> dict:
+        facts = dict(model="m", teacher=None, steps=10, data=tokens, precision="bf16")
+        return run_identity(settings(), **facts, global_batch=global_batch, checkpoint_format=fmt, world=world)
+
+    for fmt in ("dcp", "deepspeed"):
+        saved = identity(fmt, 8, 32)
+        smaller = identity(fmt, 4, 32)  # the same global batch on half the processes
+        if fmt == "dcp":
+            check_compatible(saved, smaller, "step-00000010")
         else:
             with pytest.raises(GQAConvertError, match="8 processes; this run has 4 processes"):
-                check_compatible(folder, smaller)
+                check_compatible(saved, smaller, "step-00000010")
         with pytest.raises(GQAConvertError, match=r"a global batch of 32 sequences.*this run has a global batch of 16"):
-            check_compatible(folder, plan(strategy, 4, tokens=tokens))
+            check_compatible(saved, identity(fmt, 4, 16), "step-00000010")
 
 
 def test_checkpoints_open_inside_a_zero3_run(tmp_path, monkeypatch):

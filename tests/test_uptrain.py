@@ -257,7 +257,7 @@ def test_only_machine_rank_0_tokenizes_and_replaces_out(model_dir, tmp_path):
     import threading
 
     from gqa_convert.errors import GQAConvertError
-    from gqa_convert.train.prepare import prepare
+    from gqa_convert.train.plan import prepare
 
     def settings(rank: int, out: Path, **extra) -> TrainSettings:
         return TrainSettings(
@@ -283,23 +283,24 @@ def test_only_machine_rank_0_tokenizes_and_replaces_out(model_dir, tmp_path):
     shard = folder / "shard-000000.tokens"
     inode = shard.stat().st_ino
 
-    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
     prepare(settings(1, out, force=True))
-    assert (out / "checkpoints").exists(), "--force on a machine other than rank 0 deletes nothing"
+    assert (out / "checkpoints" / "step-00000001").exists(), "--force on a machine other than rank 0 deletes nothing"
     prepare(settings(0, out, force=True))
-    assert not (out / "checkpoints").exists(), "rank 0 replaces OUT"
+    assert not (out / "checkpoints" / "step-00000001").exists(), "rank 0 replaces OUT"
     assert shard.stat().st_ino == inode, "the token folder this run uses is kept, not tokenized again"
 
 
 def test_machines_wait_for_each_other_up_to_the_timeout():
     """--timeout-minutes reaches the rendezvous of several machines (torch's default is 600 s)."""
     from gqa_convert.train.launch import launch_command
-    from gqa_convert.train.settings import TrainPlan
+    from gqa_convert.train.plan import TrainPlan
 
     settings = TrainSettings(
         model="m", out="o", data="d", num_machines=2, machine_rank=1, main_process_ip="10.0.0.1", timeout_minutes=90
     )
-    plan = TrainPlan(settings, world_size=16, grad_accum=1, steps=1, budget_origin="", train_tokens="t")
+    plan = TrainPlan(settings, "ddp", "no", world_size=16, grad_accum=1, steps=1, budget_origin="", vocab_size=2,
+                     train_tokens="t")  # fmt: skip
     command = launch_command(plan)
     assert command is not None and command[command.index("--rdzv_conf") + 1] == "join_timeout=5400"
     assert command[command.index("--machine_rank") + 1] == "1"

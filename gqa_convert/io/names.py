@@ -45,9 +45,13 @@ OWNED_NAMES = (
     "manifest.json",
     "job.json",
     "shard-*",
-    # an uptraining run: metrics, checkpoints, tokenized data, plots, report logs
+    # an uptraining run: metrics, checkpoints, tokenized data, plots, report logs, and what a run
+    # killed at the wrong moment leaves (the export's staging, the shared-folder probe, a trimmed log)
     *TRAINING_MARKERS,
     "data",
     "recovery.png",
     "runs",
+    ".export-tmp",
+    ".visible-*",
+    ".metrics.jsonl.tmp",
 )

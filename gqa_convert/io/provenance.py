@@ -33,7 +33,7 @@ def read_record(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         record = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, or nested past any record
         return None
     return record if isinstance(record, dict) else None
 

@@ -2,47 +2,47 @@
 tensor whole (a collective for sharded tensors); rank 0 casts it to the source's dtype and writes it
 through the project's sharded safetensors writer. Memory holds one gathered tensor at a time: rank 0
 never builds a state dict. The files are staged in OUT/.export-tmp and moved in at the end, with the
-source's config and tokenizer and the provenance of the run."""
+source's config and tokenizer, and last the provenance of the run: a provenance naming the run's
+final step says the export is whole (exported())."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from gqa_convert import __version__
 from gqa_convert.io.portable import portable_config
-from gqa_convert.io.provenance import new_record, read_record, write_record
+from gqa_convert.io.provenance import PROVENANCE_FILE, new_record, read_record, write_record
 from gqa_convert.io.side_files import copy_side_files, write_config
 from gqa_convert.io.sources import open_checkpoint
 from gqa_convert.io.writer import INDEX_NAME, ShardedWriter, TensorSpec
-from gqa_convert.train.checkpoints import read_metrics
-from gqa_convert.train.loading import source_dtype
-from gqa_convert.train.settings import TrainPlan
+from gqa_convert.train.metrics import METRICS, read_metrics
+from gqa_convert.train.plan import TrainPlan
+from gqa_convert.train.strategies import Strategy
+from gqa_convert.train.strategies.loading import source_dtype
 
 MAX_SHARD_BYTES = 5 * 10**9
 STAGING = ".export-tmp"
 
 
-def export_tensors(causal_lm: Any) -> list[tuple[str, torch.Tensor]]:
-    """The tensors to save, in the same order on every rank; lm_head left out when tied to the
-    embeddings (transformers re-ties it on load)."""
-    tied = bool(getattr(causal_lm.config, "tie_word_embeddings", False))
-    state = causal_lm.state_dict(keep_vars=True)  # the parameters themselves: sharded, nothing gathered
-    return [(name, tensor) for name, tensor in state.items() if not (tied and name == "lm_head.weight")]
+def exported(plan: TrainPlan) -> bool:
+    """OUT holds this run's final model: weights, and the provenance (moved in last) of its last step."""
+    record = read_record(plan.out)
+    uptrain = record.get("uptrain") if isinstance(record, dict) else None
+    weights = (plan.out / "model.safetensors").is_file() or (plan.out / INDEX_NAME).is_file()
+    return weights and isinstance(uptrain, dict) and uptrain.get("steps") == plan.steps
 
 
-def export_model(strategy: Any, plan: TrainPlan, steps: int, tokens: int) -> None:
+def export_model(strategy: Strategy, plan: TrainPlan, steps: int, tokens: int) -> None:
     """Collective: every rank calls it."""
     settings = plan.settings
     out = Path(settings.out)
     main = dist.get_rank() == 0
     dtype = source_dtype(settings.model)
-    tensors = export_tensors(strategy.causal_lm)
+    tensors = strategy.export_tensors()
     specs = [
         TensorSpec(name, strategy.full_shape(tensor), dtype if tensor.is_floating_point() else tensor.dtype)
         for name, tensor in tensors
@@ -79,9 +79,10 @@ def _write_side_files(folder: Path, plan: TrainPlan, steps: int, tokens: int) ->
 
 
 def _move_in(staging: Path, out: Path) -> None:
+    (out / PROVENANCE_FILE).unlink(missing_ok=True)  # until the new one is in, no export is whole
     for stale in [*out.glob("model*.safetensors"), out / INDEX_NAME]:
         stale.unlink(missing_ok=True)  # a stale single file beside new shards would break loading
-    for file in staging.iterdir():
+    for file in sorted(staging.iterdir(), key=lambda file: file.name == PROVENANCE_FILE):
         file.replace(out / file.name)
     staging.rmdir()
 
@@ -89,7 +90,7 @@ def _move_in(staging: Path, out: Path) -> None:
 def _write_provenance(folder: Path, plan: TrainPlan, steps: int, tokens: int) -> None:
     settings = plan.settings
     record = read_record(Path(settings.model)) or new_record(settings.model, {})
-    metrics = read_metrics(Path(settings.out) / "metrics.jsonl")
+    metrics = read_metrics(Path(settings.out) / METRICS)
     record["uptrain"] = {
         "version": __version__,
         "model": str(settings.model),

@@ -1,10 +1,9 @@
-"""The uptrain entry point: decide the strategy, prepare, choose the checkpoint to resume from, then run
-the workers (in this process for one process on one machine, else under `accelerate launch`), or only
-plan and time one step (dry run). A worker's user error comes back as one line."""
+"""The uptrain entry point: prepare the plan (train.plan), then run the workers (in this process for one
+process on one machine, else under `accelerate launch`), or only time one step (dry run). A worker's
+user error comes back as one line."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -18,32 +17,53 @@ import torch
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
-from gqa_convert.train.checkpoints import choose_resume, read_metrics
-from gqa_convert.train.components import micro_batch, open_blocks
+from gqa_convert.train.data import Batches
+from gqa_convert.train.export import exported
 from gqa_convert.train.loop import run_worker
-from gqa_convert.train.modules import CausalLMWithChunkedLoss
-from gqa_convert.train.prepare import WORKER_ENV, prepare
+from gqa_convert.train.losses import CausalLMWithChunkedLoss
+from gqa_convert.train.metrics import METRICS, read_metrics
+from gqa_convert.train.plan import WORKER_ENV, TrainPlan, prepared
 from gqa_convert.train.runtime import ERROR_ENV, OWNER_ENV, die_with_parent, process_identity
-from gqa_convert.train.settings import TrainPlan, TrainSettings, resolve_precision
-from gqa_convert.train.strategy import resolve_strategy
+from gqa_convert.train.settings import TrainSettings
+from gqa_convert.train.strategies import STRATEGIES
+
+
+def uptrain(settings: TrainSettings) -> dict[str, Any]:
+    """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or the
+    final step, tokens and loss read back from OUT."""
+    with prepared(settings) as plan:
+        if settings.dry_run:
+            try:
+                return dry_run_plan(plan)
+            finally:
+                if plan.scratch:
+                    shutil.rmtree(plan.scratch, ignore_errors=True)
+        if plan.resume_step == plan.steps and exported(plan):
+            print(
+                f"{plan.out} is finished (step {plan.steps} of {plan.steps}) and exported: nothing to do",
+                file=sys.stderr,
+            )
+        else:
+            launch(plan)
+    last = read_metrics(plan.out / METRICS)[-1]
+    return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}
 
 
 def launch_command(plan: TrainPlan) -> list[str] | None:
-    """The `accelerate launch` command, or None to run in this process. ddp and fsdp2 are launched as
-    plain processes (--multi_gpu: an FSDP YAML gives only its process and machine settings, gqa-convert
-    shards itself); deepspeed with its YAML, whose plugin Accelerate builds."""
-    settings = plan.settings
+    """The `accelerate launch` command, or None to run in this process. Strategies gqa-convert applies
+    (ddp, fsdp2) are launched as plain processes (--multi_gpu: an FSDP YAML gives only its process and
+    machine settings); one Accelerate applies (deepspeed) with its YAML, whose plugin Accelerate builds."""
+    settings, accelerate_applies = plan.settings, STRATEGIES[plan.strategy].launcher_applies
     if os.environ.get(WORKER_ENV) or "LOCAL_RANK" in os.environ:
         return None  # already a worker
-    deepspeed = plan.strategy == "deepspeed"
-    if plan.world_size == 1 and settings.num_machines == 1 and not deepspeed:
+    if plan.world_size == 1 and settings.num_machines == 1 and not accelerate_applies:
         return None
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if settings.accelerate_config:
         command += ["--config_file", settings.accelerate_config]
-    if not deepspeed:
+    if not accelerate_applies:
         command += ["--multi_gpu", "--dynamo_backend", "no"]
-    command += ["--mixed_precision", resolve_precision(settings.mixed_precision) if deepspeed else "no"]
+    command += ["--mixed_precision", plan.precision if accelerate_applies else "no"]
     command += ["--num_processes", str(plan.world_size)]
     if settings.num_machines > 1 or not settings.accelerate_config:  # else the YAML's machines
         command += ["--num_machines", str(settings.num_machines)]
@@ -91,12 +111,14 @@ def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
     settings = plan.settings
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = CausalLMWithChunkedLoss(load_causal_lm(settings.model, dtype=torch.float32)).to(device)
-    blocks = open_blocks(plan)
+    batches = Batches(
+        plan.train_tokens, settings.seq_len, settings.seed, settings.micro_batch_size, plan.world_size, plan.vocab_size
+    )
     timings = []
     for _ in range(2):  # the first step pays for warm-up; the second is the one that counts
         started = time.perf_counter()
         for micro in range(plan.grad_accum):
-            inputs = micro_batch(blocks, plan, 0, micro, 0).to(device)
+            inputs = torch.from_numpy(batches.read(0, micro, 0, plan.grad_accum)).to(device)
             model(inputs, labels=inputs).loss.backward()
         model.zero_grad(set_to_none=True)  # measured, not applied
         if device == "cuda":
@@ -117,22 +139,3 @@ def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
         "measured_step_s": round(step_seconds, 3),
         "estimated_hours": round(plan.steps * step_seconds / 3600, 3),
     }
-
-
-def uptrain(settings: TrainSettings) -> dict[str, Any]:
-    """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or
-    the final step, tokens and loss read back from OUT."""
-    strategy = resolve_strategy(settings)  # before any work: a refused strategy costs nothing
-    plan = dataclasses.replace(prepare(settings), strategy=strategy)
-    if settings.dry_run:
-        try:
-            return dry_run_plan(plan)
-        finally:
-            if plan.scratch:
-                shutil.rmtree(plan.scratch, ignore_errors=True)
-    if settings.resume:
-        resume_from = choose_resume(plan)
-        plan = dataclasses.replace(plan, resume_from=None if resume_from is None else str(resume_from))
-    launch(plan)
-    last = read_metrics(Path(settings.out) / "metrics.jsonl")[-1]
-    return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}

@@ -2,44 +2,39 @@
 
     python -m gqa_convert.train.loop   (started by train.launch with the plan in the environment)
 
-The data position is a pure function of the step (data.tokens.TokenBlocks), so resuming restores the
-strategy's state (model, optimizer), RNG, and the step and token count from the checkpoint. A final
+    run_worker: start -> Trainer (build the strategy, the batches, the metrics log) -> resume -> train
+                -> final evaluation -> export
+    train:      train_step per optimizer step, then evaluate, log and checkpoint as due
+    train_step: the learning rate, forward_backward per micro-batch, the optimizer step
+
+The data position is a pure function of the step (train.data.Batches), so resuming restores the
+strategy's state (model, optimizer), the RNG and the trainer's own state (step, tokens). A final
 checkpoint is saved before the export: a failed export is redone by --resume, without training.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
+import importlib
+import math
 import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from gqa_convert.data.tokens import TokenBlocks, read_head
-from gqa_convert.errors import GQAConvertError, is_disk_full
+from gqa_convert.data.tokens import read_head
+from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import perplexity_of
-from gqa_convert.train.checkpoints import (
-    TrainerState,
-    append_metrics,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    trim_metrics,
-)
-from gqa_convert.train.components import micro_batch, open_blocks
-from gqa_convert.train.deepspeed_zero3 import DeepSpeedZero3
+from gqa_convert.train.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
+from gqa_convert.train.data import Batches
 from gqa_convert.train.export import export_model
-from gqa_convert.train.losses import Weights
-from gqa_convert.train.parallel import DataParallel, FullyShard
-from gqa_convert.train.prepare import WORKER_ENV
-from gqa_convert.train.progress import TrainProgress
+from gqa_convert.train.losses import LossParts, Weights
+from gqa_convert.train.metrics import MetricsLog, TrainProgress, trim_metrics
+from gqa_convert.train.plan import WORKER_ENV, TrainPlan
 from gqa_convert.train.runtime import (
     Runtime,
     check_shared_out,
@@ -48,225 +43,227 @@ from gqa_convert.train.runtime import (
     report_error,
     start,
     stop,
+    writing,
 )
-from gqa_convert.train.schedule import learning_rate
-from gqa_convert.train.settings import TrainPlan
-
-# how torch.save's zip writer reports a write the filesystem refused (it loses the errno)
-_WRITER_FAILURES = ("PytorchStreamWriter failed", "unexpected pos")
-STRATEGIES = {"ddp": DataParallel, "fsdp2": FullyShard, "deepspeed": DeepSpeedZero3}
+from gqa_convert.train.strategies import STRATEGIES, Strategy
 
 
-@dataclass
-class Worker:
-    """What the loop works with, built once in the setup phase."""
-
-    plan: TrainPlan
-    runtime: Runtime
-    strategy: DataParallel
-    blocks: TokenBlocks
-    eval_ids: torch.Tensor | None
-
-    @property
-    def out(self) -> Path:
-        return Path(self.plan.settings.out)
+def learning_rate(step: int, total_steps: int, lr: float, min_lr_ratio: float, warmup_steps: int | None) -> float:
+    """The rate of optimizer step `step` (counted from 0): linear warmup (default 2% of the steps, at
+    least 1), then cosine decay to lr x min_lr_ratio at the last step."""
+    total = max(1, total_steps)
+    warmup = warmup_steps if warmup_steps is not None else max(1, round(0.02 * total))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr * min_lr_ratio
+    return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def setup(plan: TrainPlan, runtime: Runtime) -> Worker:
-    check_shared_out(runtime, Path(plan.settings.out))
-    torch.manual_seed(plan.settings.seed)
-    strategy = STRATEGIES[plan.strategy](runtime, plan)
-    eval_ids = None
-    if plan.eval_tokens:
-        eval_ids = torch.from_numpy(read_head(plan.eval_tokens, plan.settings.eval_tokens))
-    if plan.settings.report_to != "none":
-        tracked = {k: v for k, v in vars(plan.settings).items() if v is not None}
-        runtime.accelerator.init_trackers("gqa-convert", config=tracked)
-    return Worker(plan, runtime, strategy, open_blocks(plan), eval_ids)
+def build_strategy(plan: TrainPlan, runtime: Runtime) -> Strategy:
+    """The plan's strategy (its registry entry names the class), prepared: models loaded into their
+    layout, wrapped, the optimizer built."""
+    module, _, name = STRATEGIES[plan.strategy].implementation.partition(":")
+    strategy = getattr(importlib.import_module(module), name)(runtime, plan)
+    strategy.prepare()
+    return strategy
 
 
-def resume(worker: Worker) -> TrainerState:
-    """The checkpoint the launcher chose (plan.resume_from); the metrics log trimmed to it."""
-    state, folder = TrainerState(), worker.plan.resume_from
-    if folder is not None:
-        state = load_checkpoint(worker.strategy, Path(folder), worker.runtime.world)
-        worker.runtime.accelerator.print(
-            f"resumed from {Path(folder).name}: step {state.step}, {state.tokens:,} tokens"
+class Trainer:
+    """What one worker trains with; its own resumable state is the step and the tokens trained on."""
+
+    def __init__(self, plan: TrainPlan, runtime: Runtime) -> None:
+        settings = plan.settings
+        check_shared_out(runtime, plan.out)
+        torch.manual_seed(settings.seed)
+        self.plan, self.runtime, self.settings = plan, runtime, settings
+        self.strategy = build_strategy(plan, runtime)
+        self.batches = Batches(
+            plan.train_tokens,
+            settings.seq_len,
+            settings.seed,
+            settings.micro_batch_size,
+            runtime.world,
+            plan.vocab_size,
         )
-    if worker.runtime.is_main:
-        trim_metrics(worker.out / "metrics.jsonl", state.step)
-    torch.distributed.barrier()
-    return state
+        self.eval_ids = None
+        if plan.eval_tokens:
+            self.eval_ids = torch.from_numpy(read_head(plan.eval_tokens, settings.eval_tokens))
+            if self.eval_ids.numel() and int(self.eval_ids.max()) >= plan.vocab_size:
+                raise GQAConvertError(
+                    f"{settings.eval_data} holds ids outside the model's vocabulary: tokenize it again"
+                )
+        self.weights = Weights()
+        if settings.teacher is not None:
+            self.weights = Weights(1 - settings.distill_weight, settings.distill_weight, settings.distill_temperature)
+        if settings.report_to != "none":
+            tracked = {k: v for k, v in vars(settings).items() if v is not None}
+            runtime.accelerator.init_trackers("gqa-convert", config=tracked)
+        self.metrics = MetricsLog(plan.out, runtime.accelerator, runtime.is_main)
+        self.step = self.tokens = 0
+        self.saved = 0  # the step of the newest checkpoint on disk
 
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens}
 
-def train_step(worker: Worker, step: int) -> dict[str, Any]:
-    """One optimizer step over grad_accum micro-batches; returns the step's metrics record."""
-    plan, runtime, strategy = worker.plan, worker.runtime, worker.strategy
-    settings = plan.settings
-    started = time.perf_counter()
-    lr = learning_rate(step, plan.steps, settings.lr, settings.min_lr_ratio, settings.warmup_steps)
-    strategy.set_lr(lr)
-    teacher = strategy.teacher
-    weights = Weights(1 - settings.distill_weight, settings.distill_weight, settings.distill_temperature)
-    if teacher is None:
-        weights = Weights()
-    lm_sum = torch.zeros((), device=runtime.device)
-    kd_sum = torch.zeros((), device=runtime.device)
-    for micro in range(plan.grad_accum):
-        inputs = micro_batch(worker.blocks, plan, step, micro, runtime.rank).to(runtime.device)
-        with strategy.micro_step(last=micro == plan.grad_accum - 1):
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+
+    # ---- phases ----
+    def resume(self) -> None:
+        """The checkpoint rank 0's launcher chose (every process loads that one); the metrics log
+        trimmed to it."""
+        chosen = torch.tensor([self.plan.resume_step or 0], dtype=torch.int64, device=self.runtime.device)
+        torch.distributed.broadcast(chosen, src=0)  # the same choice on every machine
+        step = int(chosen.item())
+        if step:
+            folder = checkpoint_dir(self.plan.out, step)
+            fmt = STRATEGIES[self.plan.strategy].checkpoint_format
+            self.load_state_dict(load_checkpoint(self.strategy, folder, self.runtime.world, fmt))
+            self.saved = self.step
+            self.runtime.accelerator.print(f"resumed from {folder.name}: step {self.step}, {self.tokens:,} tokens")
+        if self.runtime.is_main:
+            trim_metrics(self.metrics.path, self.step)
+        torch.distributed.barrier()
+
+    def train(self) -> None:
+        """Train to the step budget: a step, then evaluation, logging and a checkpoint as they fall due."""
+        first = self.step
+        progress = TrainProgress(self.runtime.is_main, self.plan.steps, self.step)
+        epoch = self.batches.epoch_of(self.tokens // self.settings.seq_len)
+        self.strategy.model.train()
+        while self.step < self.plan.steps:
+            record = self.train_step()
+            self.step, self.tokens = record["step"], record["tokens"]
+            if self.step == first + 1:
+                self.report_shares()
+            new_epoch = self.batches.epoch_of(self.tokens // self.settings.seq_len - 1)
+            if new_epoch != epoch:
+                self.runtime.accelerator.print(
+                    f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {self.settings.seed})"
+                )
+                epoch = new_epoch
+            if self.eval_ids is not None and self.evaluation_due():
+                record.update(self.evaluate())
+            self.log(record)
+            progress.update(self.step, self.tokens, record["loss"])
+            if self.step % self.settings.save_every == 0 or self.step == self.plan.steps:
+                self.checkpoint()
+        progress.close()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics record."""
+        plan, runtime = self.plan, self.runtime
+        started = time.perf_counter()
+        lr = learning_rate(
+            self.step, plan.steps, self.settings.lr, self.settings.min_lr_ratio, self.settings.warmup_steps
+        )
+        self.strategy.set_hyperparameters(lr)
+        lm_sum = torch.zeros((), device=runtime.device)
+        kd_sum = torch.zeros((), device=runtime.device)
+        for micro in range(plan.grad_accum):
+            ids = self.batches.read(self.step, micro, runtime.rank, plan.grad_accum)
+            parts = self.forward_backward(torch.from_numpy(ids).to(runtime.device), last=micro == plan.grad_accum - 1)
+            lm_sum += parts.lm
+            kd_sum += parts.kd
+        grad_norm = self.strategy.step()
+        seconds = time.perf_counter() - started
+        reduce = runtime.accelerator.reduce
+        record = {
+            "step": self.step + 1,
+            "tokens": (self.step + 1) * plan.step_tokens,
+            "loss": round(reduce(lm_sum / plan.grad_accum, "mean").item(), 6),  # the LM loss, with or without a teacher
+            "lr": lr,
+            "tokens_per_s": round(plan.step_tokens / seconds, 1),
+            "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+        }
+        if self.strategy.teacher is not None:
+            record["distill_loss"] = round(reduce(kd_sum / plan.grad_accum, "mean").item(), 6)
+        return record
+
+    def forward_backward(self, inputs: torch.Tensor, last: bool) -> LossParts:
+        """One micro-batch: the teacher's hidden states, the student's chunked losses, backward."""
+        strategy = self.strategy
+        with strategy.micro_step(last=last):
             teacher_hidden = None
-            if teacher is not None:
+            if strategy.teacher is not None:
                 with torch.no_grad(), strategy.autocast():
-                    teacher_hidden = teacher(inputs)
-            with _teacher_head(strategy) as teacher_head, strategy.autocast():
+                    teacher_hidden = strategy.teacher(inputs)
+            with self._teacher_head() as teacher_head, strategy.autocast():
                 parts = strategy.model(
-                    inputs, labels=inputs, teacher_hidden=teacher_hidden, teacher_head=teacher_head, weights=weights
+                    inputs,
+                    labels=inputs,
+                    teacher_hidden=teacher_hidden,
+                    teacher_head=teacher_head,
+                    weights=self.weights,
                 )
             strategy.backward(parts.loss)
-        lm_sum += parts.lm
-        kd_sum += parts.kd
-    grad_norm = strategy.step()
-    seconds = time.perf_counter() - started
-    reduce = runtime.accelerator.reduce
-    record = {
-        "step": step + 1,
-        "tokens": (step + 1) * plan.step_tokens,
-        "loss": round(reduce(lm_sum / plan.grad_accum, "mean").item(), 6),  # the LM loss, with or without a teacher
-        "lr": lr,
-        "tokens_per_s": round(plan.step_tokens / seconds, 1),
-        "grad_norm": None if grad_norm is None else round(grad_norm, 4),
-    }
-    if teacher is not None:
-        record["distill_loss"] = round(reduce(kd_sum / plan.grad_accum, "mean").item(), 6)
-    return record
+        return parts
 
+    @contextlib.contextmanager
+    def _teacher_head(self) -> Iterator[Any]:
+        if self.strategy.teacher is None:
+            yield None
+        else:
+            with self.strategy.teacher_head() as head:
+                yield head
 
-@contextlib.contextmanager
-def _teacher_head(strategy: DataParallel) -> Iterator[Any]:
-    if strategy.teacher is None:
-        yield None
-    else:
-        with strategy.teacher_head() as head:
-            yield head
+    def evaluation_due(self) -> bool:
+        return bool(self.settings.eval_every) and self.step % self.settings.eval_every == 0
 
-
-def evaluate_now(worker: Worker) -> dict[str, float]:
-    settings, strategy = worker.plan.settings, worker.strategy
-    with strategy.autocast():
-        result = perplexity_of(
-            strategy.model, worker.eval_ids, settings.seq_len, settings.micro_batch_size, worker.runtime.accelerator
-        )
-    strategy.after_eval()
-    return {"eval_perplexity": round(result["perplexity"], 4), "eval_tokens": result["tokens"]}
-
-
-def log(worker: Worker, record: dict[str, Any]) -> None:
-    accelerator = worker.runtime.accelerator
-    if worker.runtime.is_main:
-        append_metrics(worker.out / "metrics.jsonl", record)
-    if accelerator.trackers:
-        accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
-
-
-def report_shares(worker: Worker) -> None:
-    """Which part of the model and optimizer state each process holds (every rank calls it)."""
-    shares = [None] * worker.runtime.world
-    torch.distributed.all_gather_object(shares, worker.strategy.shares())
-    if worker.runtime.is_main:
-        for rank, share in enumerate(shares):
-            held = ", ".join(f"{name} {local:,}/{total:,}" for name, (local, total) in share.items())
-            print(f"{worker.plan.strategy} rank {rank}/{worker.runtime.world} holds {held}", flush=True)
-
-
-@contextlib.contextmanager
-def writing(what: str, kept: str, rerun: str = "rerun with --resume") -> Iterator[None]:
-    """A full disk or a refused write becomes one line: what was not written, what is kept, the fix."""
-    try:
-        yield
-    except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-        cause = output_error(error)
-        if cause is None:
-            raise
-        reason = cause.strerror or str(cause)
-        where = f": {cause.filename}" if cause.filename else ""
-        action = "free space" if is_disk_full(cause) else "check the space and permissions of OUT"
-        if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            action = "make OUT writable"
-        raise GQAConvertError(f"{what} was not written ({reason}{where}); {kept}: {action} and {rerun}") from None
-
-
-def output_error(error: BaseException) -> OSError | None:
-    """The OSError behind `error`, also inside torch.distributed.checkpoint's per-rank failures."""
-    seen = 0
-    while error is not None and seen < 20:
-        if isinstance(error, GQAConvertError):
-            return None  # already one line
-        if isinstance(error, OSError):
-            return error
-        if isinstance(error, RuntimeError) and any(sign in str(error) for sign in _WRITER_FAILURES):
-            return OSError(None, "a write failed")
-        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
-        if isinstance(failures, dict):
-            for failure in failures.values():
-                found = output_error(failure[0] if isinstance(failure, tuple) else failure)
-                if found is not None:
-                    return found
-        error, seen = error.__cause__ or error.__context__, seen + 1
-    return None
-
-
-def train(worker: Worker, state: TrainerState) -> int:
-    """Train to the step budget; returns the step of the last checkpoint saved or resumed."""
-    settings, runtime = worker.plan.settings, worker.runtime
-    saved = first = state.step
-    progress = TrainProgress(runtime.accelerator, worker.plan.steps, state.step)
-    epoch = worker.blocks.epoch_of(state.tokens // settings.seq_len)
-    worker.strategy.model.train()
-    while state.step < worker.plan.steps:
-        record = train_step(worker, state.step)
-        state.step, state.tokens = record["step"], record["tokens"]
-        if state.step == first + 1:
-            report_shares(worker)
-        new_epoch = worker.blocks.epoch_of(state.tokens // settings.seq_len - 1)
-        if new_epoch != epoch:
-            runtime.accelerator.print(
-                f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {settings.seed})"
+    def evaluate(self) -> dict[str, float]:
+        with self.strategy.autocast():
+            result = perplexity_of(
+                self.strategy.model,
+                self.eval_ids,
+                self.settings.seq_len,
+                self.settings.micro_batch_size,
+                self.runtime.accelerator,
             )
-            epoch = new_epoch
-        if worker.eval_ids is not None and settings.eval_every and state.step % settings.eval_every == 0:
-            record.update(evaluate_now(worker))
-        with writing("metrics.jsonl", f"the checkpoint of step {saved} is kept" if saved else "no checkpoint is kept"):
-            log(worker, record)
-        progress.update(state.step, state.tokens, record["loss"])
-        if state.step % settings.save_every == 0 or state.step == worker.plan.steps:
-            checkpoint(worker, state, saved)
-            saved = state.step
-    progress.close()
-    return saved
+        self.strategy.after_eval()
+        return {"eval_perplexity": round(result["perplexity"], 4), "eval_tokens": result["tokens"]}
 
+    def log(self, record: dict[str, Any]) -> None:
+        with writing("metrics.jsonl", self._kept(), path=self.metrics.path):
+            self.metrics.write(record)
 
-def checkpoint(worker: Worker, state: TrainerState, previous: int) -> None:
-    kept = f"the checkpoint of step {previous} is kept" if previous else "no checkpoint is kept"
-    with writing(f"checkpoint step-{state.step:08d}", kept):
-        save_checkpoint(worker.strategy, worker.out, state, worker.plan)
-        if worker.runtime.is_main:
-            prune_checkpoints(worker.out, worker.plan.settings.keep_checkpoints)
+    def checkpoint(self) -> None:
+        fmt = STRATEGIES[self.plan.strategy].checkpoint_format
+        folder = checkpoint_dir(self.plan.out, self.step)
+        with writing(f"checkpoint {folder.name}", self._kept(), path=folder):
+            save_checkpoint(self.strategy, folder, self.state_dict(), self.plan.identity, fmt)
+            if self.runtime.is_main:
+                prune_checkpoints(self.plan.out, self.settings.keep_checkpoints)
+        self.saved = self.step
+
+    def export(self) -> None:
+        with writing("the final model", self._kept(), "rerun with --resume to export it", path=self.plan.out):
+            export_model(self.strategy, self.plan, self.step, self.tokens)
+
+    def _kept(self) -> str:
+        return f"the checkpoint of step {self.saved} is kept" if self.saved else "no checkpoint is kept"
+
+    def report_shares(self) -> None:
+        """Which part of the model and optimizer state each process holds (every rank calls it)."""
+        shares = [None] * self.runtime.world
+        torch.distributed.all_gather_object(shares, self.strategy.shares())
+        if self.runtime.is_main:
+            for rank, share in enumerate(shares):
+                held = ", ".join(f"{name} {local:,}/{total:,}" for name, (local, total) in share.items())
+                print(f"{self.plan.strategy} rank {rank}/{self.runtime.world} holds {held}", flush=True)
 
 
 def run_worker(plan: TrainPlan) -> None:
-    """Set up, resume if asked, train to the step budget, save the final model."""
+    """Start, build, resume if asked, train to the step budget, evaluate, export."""
     runtime = start(plan)
     try:
         with writing("a file in OUT", "the last checkpoint is kept"):
-            worker = setup(plan, runtime)
-            state = resume(worker)
-            saved = train(worker, state)
-        settings = plan.settings
-        if worker.eval_ids is not None and not (settings.eval_every and state.step % settings.eval_every == 0):
-            runtime.accelerator.print(f"final eval: {evaluate_now(worker)}")
-        with writing("the final model", f"the checkpoint of step {saved} is kept", "rerun with --resume to export it"):
-            export_model(worker.strategy, plan, state.step, state.tokens)
+            trainer = Trainer(plan, runtime)
+            trainer.resume()
+            trainer.train()
+        if trainer.eval_ids is not None and not trainer.evaluation_due():
+            runtime.accelerator.print(f"final eval: {trainer.evaluate()}")
+        trainer.export()
     finally:
         stop(runtime)
 

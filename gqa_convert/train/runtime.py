@@ -1,11 +1,17 @@
-"""A worker's process group and device. Accelerate starts the processes and the group (gloo on CPU, nccl
-on GPU); sharding is applied by train.parallel. What is in effect is checked against the plan: the
-world size, the strategy the launcher set up, and OUT being the same folder on every machine.
-One process without a launcher gets a process group of one, so every strategy runs the same code."""
+"""A worker's life: its process group and device, the checks that what runs is what the plan asks,
+its end with the command that launched it, and its errors as one line for that command.
+
+Accelerate starts the processes and the group (gloo on CPU, nccl on GPU); sharding is applied by the
+strategy. What is in effect is checked against the plan: the world size, the strategy the launcher set
+up, and OUT being the same folder on every machine. One process without a launcher gets a process
+group of one, so every strategy runs the same code. A refused write (full disk, permission, read-only)
+becomes one line naming the file, what is kept and what to do (`writing`)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import os
 import signal
 import socket
@@ -13,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gqa_convert.errors import GQAConvertError
-from gqa_convert.train.settings import TrainPlan, resolve_precision
+from gqa_convert.errors import GQAConvertError, is_disk_full
+from gqa_convert.train.plan import TrainPlan
+from gqa_convert.train.strategies import STRATEGIES
 
 ERROR_ENV = "GQA_CONVERT_WORKER_ERROR"  # a file where a worker leaves its one-line error for the launcher
 OWNER_ENV = "GQA_CONVERT_OWNER"  # process_identity() of the gqa-convert command the workers belong to
@@ -33,7 +41,6 @@ class Runtime:
     device: torch.device
     rank: int
     world: int
-    precision: str  # no, bf16 or fp16
 
     @property
     def is_main(self) -> bool:
@@ -54,21 +61,19 @@ def start(plan: TrainPlan) -> Runtime:
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    settings = plan.settings
-    deepspeed = plan.strategy == "deepspeed"
+    settings, spec = plan.settings, STRATEGIES[plan.strategy]
     launcher = _launcher_sharding()
-    if launcher != ("DEEPSPEED" if deepspeed else None):
+    if launcher != (spec.yaml_type if spec.launcher_applies else None):
         raise GQAConvertError(
             f"the launcher set up {launcher or 'no sharding'} but this run's strategy is {plan.strategy}: "
             "run gqa-convert uptrain directly, not under accelerate launch"
         )
     timeout = datetime.timedelta(minutes=settings.timeout_minutes)
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.mixed_precision)
     accelerator = Accelerator(
         cpu=not cuda,
-        # ddp and fsdp2 apply their precision themselves; DeepSpeed takes it from Accelerate
-        mixed_precision=precision if deepspeed else "no",
+        # strategies gqa-convert applies set their precision themselves; Accelerate's own take it from Accelerate
+        mixed_precision=plan.precision if spec.launcher_applies else "no",
         gradient_accumulation_steps=plan.grad_accum,
         log_with=None if settings.report_to == "none" else settings.report_to,
         project_dir=settings.out,
@@ -85,9 +90,10 @@ def start(plan: TrainPlan) -> Runtime:
             f"group of {world}: check the launch settings"
         )
     in_effect = accelerator.distributed_type.value
-    if (in_effect == "DEEPSPEED") != deepspeed or in_effect not in ("NO", "MULTI_CPU", "MULTI_GPU", "DEEPSPEED"):
+    expected = (spec.yaml_type,) if spec.launcher_applies else ("NO", "MULTI_CPU", "MULTI_GPU")
+    if in_effect not in expected:
         raise GQAConvertError(f"Accelerate set up {in_effect} but this run's strategy is {plan.strategy}")
-    return Runtime(accelerator, accelerator.device, rank, world, precision)
+    return Runtime(accelerator, accelerator.device, rank, world)
 
 
 def stop(runtime: Runtime) -> None:
@@ -187,3 +193,45 @@ def report_error(message: str) -> None:
             handle.write(message)
     except OSError:
         pass  # another process of this machine reported first
+
+
+# how torch.save's zip writer reports a write the filesystem refused (it loses the errno)
+_WRITER_FAILURES = ("PytorchStreamWriter failed", "unexpected pos")
+
+
+@contextlib.contextmanager
+def writing(what: str, kept: str, rerun: str = "rerun with --resume", path: Path | None = None) -> Iterator[None]:
+    """A full disk or a refused write becomes one line: what was not written (the file, else `path`),
+    what is kept, the fix."""
+    try:
+        yield
+    except BaseException as error:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        cause = output_error(error)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        where = f": {cause.filename or path}" if cause.filename or path else ""
+        action = "free space" if is_disk_full(cause) else "check the space and permissions of OUT"
+        if cause.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            action = "make OUT writable"
+        raise GQAConvertError(f"{what} was not written ({reason}{where}); {kept}: {action} and {rerun}") from None
+
+
+def output_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, also inside torch.distributed.checkpoint's per-rank failures."""
+    seen = 0
+    while error is not None and seen < 20:
+        if isinstance(error, GQAConvertError):
+            return None  # already one line
+        if isinstance(error, OSError):
+            return error
+        if isinstance(error, RuntimeError) and any(sign in str(error) for sign in _WRITER_FAILURES):
+            return OSError(None, "a write failed")
+        failures = getattr(error, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                found = output_error(failure[0] if isinstance(failure, tuple) else failure)
+                if found is not None:
+                    return found
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return None

@@ -1,30 +1,18 @@
-"""An uptraining run: what the user sets (TrainSettings, checked where it is built), the checks that
-need the model, data and output folder, and what preparation derives (TrainPlan)."""
+"""What the user sets for an uptraining run: TrainSettings, each option declared once and checked where
+it is built (the CLI is generated from it), with the rules that tie options together."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from gqa_convert.arch import check_seq_len
-from gqa_convert.data.manifest import is_token_folder, read_manifest
-from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.io.output import guard_output
-from gqa_convert.io.sources import check_model_folder, model_config
 from gqa_convert.options import Options, option
+from gqa_convert.train.strategies import STRATEGY_CHOICES
 from gqa_convert.units import parse_tokens
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRAINABLE = ("all", "attention")
 REPORTERS = ("none", "tensorboard", "wandb")
-STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed")  # see train.strategy
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +28,7 @@ class TrainSettings(Options):
     tokens: int | None = option(
         None, help="token budget, e.g. 50M or 2B (overrides --fraction)", parse=parse_tokens, min=1, metavar="N"
     )
-    fraction: float = option(0.05, help="budget as a fraction of the original pre-training tokens", above=0)
+    fraction: float = option(0.05, help="budget as a fraction of the original pre-training tokens", above=0, max=1)
     original_tokens: int | None = option(
         None, help="the original pre-training tokens, e.g. 2T", parse=parse_tokens, min=1, metavar="N"
     )
@@ -66,8 +54,14 @@ class TrainSettings(Options):
     seed: int = option(0, help="data order seed", min=0)
     save_every: int = option(500, help="optimizer steps between checkpoints", min=1)
     keep_checkpoints: int = option(2, help="checkpoints kept", min=1)
-    resume: bool = option(False, help="continue from the latest checkpoint in OUT")
+    resume: bool = option(False, help="continue from the latest checkpoint of the run in OUT")
     force: bool = option(False, help="replace a non-empty OUT that this tool wrote")
+    trust_deepspeed_checkpoint: bool = option(
+        False,
+        help="let --resume load a DeepSpeed checkpoint: its files are pickles, which run code when loaded "
+        "(only a checkpoint you wrote, on storage no one else can write)",
+        flags=("--trust-deepspeed-checkpoint",),
+    )
     report_to: str = option("none", help="none, tensorboard or wandb", choices=REPORTERS)
     eval_data: str | None = option(None, help="held-out text (or token folder) for perplexity during training")
     eval_every: int = option(0, help="steps between evaluations (0: at the end only)", min=0)
@@ -87,7 +81,7 @@ class TrainSettings(Options):
     strategy: str = option(
         "auto",
         help="auto (the YAML's sharding, else ddp), ddp, fsdp2 (sharded, CPU or GPU) or deepspeed (ZeRO-3, GPU)",
-        choices=STRATEGIES,
+        choices=STRATEGY_CHOICES,
     )
     dry_run: bool = option(False, help="print the plan and a measured time estimate")
     timeout_minutes: float = option(
@@ -101,106 +95,13 @@ class TrainSettings(Options):
         """Rules between options (each option's own type and range are checked from its declaration)."""
         if self.num_machines > 1 and not self.main_process_ip:
             raise GQAConvertError("--num-machines > 1 needs --main-process-ip (the address of machine rank 0)")
+        if self.machine_rank >= self.num_machines and self.num_machines > 1:
+            raise GQAConvertError(
+                f"--machine-rank {self.machine_rank} must be below --num-machines {self.num_machines}"
+            )
         if self.eval_every and not self.eval_data:
             raise GQAConvertError("--eval-every needs --eval-data")
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """What preparation derived: sizes, step budget and the token folders the workers read."""
-
-    settings: TrainSettings
-    world_size: int
-    grad_accum: int
-    steps: int
-    budget_origin: str
-    train_tokens: str  # a token folder (data.tokens)
-    eval_tokens: str | None = None
-    scratch: str | None = None  # a dry run's temporary token folders, removed after it
-    strategy: str = "ddp"  # resolved by train.strategy
-    resume_from: str | None = None  # the checkpoint folder chosen by train.checkpoints
-
-    @property
-    def global_batch(self) -> int:
-        """Sequences per optimizer step over every process."""
-        return self.settings.micro_batch_size * self.world_size * self.grad_accum
-
-    @property
-    def step_tokens(self) -> int:
-        """Tokens per optimizer step over every process."""
-        return self.global_batch * self.settings.seq_len
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainPlan:
-        fields = json.loads(text)
-        return cls(**{**fields, "settings": TrainSettings(**fields["settings"])})
-
-
-def resolve_precision(setting: str) -> str:
-    """auto: bf16 on GPUs that have it, else no. A precision that needs a GPU is refused without one."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if setting == "auto":
-        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    if setting != "no" and not cuda:
-        raise GQAConvertError(f"--mixed-precision {setting} needs a GPU; use no on CPU")
-    return setting
-
-
-def check_settings(settings: TrainSettings) -> Any:
-    """The checks that read the model, data and output folder. Returns the model's config."""
-    model = Path(settings.model)
-    config = check_model_folder(model)
-    check_seq_len(settings.seq_len, config)
-    resolve_precision(settings.mixed_precision)
-    if settings.report_to != "none" and importlib.util.find_spec(settings.report_to) is None:
-        raise GQAConvertError(
-            f"--report-to {settings.report_to} needs its package: pip install 'gqa-convert[{settings.report_to}]'"
-        )
-    if settings.accelerate_config and not Path(settings.accelerate_config).is_file():
-        raise GQAConvertError(f"accelerate config not found: {settings.accelerate_config}")
-    if settings.teacher is not None:
-        teacher_config = model_config(settings.teacher)
-        if teacher_config.vocab_size != config.vocab_size:
-            raise GQAConvertError(
-                f"the teacher's vocabulary ({teacher_config.vocab_size}) differs from the model's "
-                f"({config.vocab_size}): distil from the model it was converted from"
-            )
-    for data in (settings.data, settings.eval_data):
-        if data is not None:
-            if is_token_folder(data):
-                read_manifest(data)
-            else:
-                check_data(data)
-    rank = machine_rank(settings)
-    # only machine rank 0 writes OUT before training; the others join the run it began, never clearing
-    mode = "resume" if settings.resume else ("join" if rank > 0 else "train")
-    guard_output(
-        Path(settings.out),
-        inputs=[model, settings.data, settings.eval_data, settings.teacher, settings.accelerate_config],
-        force=settings.force and rank == 0,
-        mode=mode,
-        fix="pass --resume to continue it or --force to replace it",
-    )
-    return config
-
-
-def machine_rank(settings: TrainSettings) -> int:
-    """This machine's rank: --machine-rank, else the Accelerate YAML's machine_rank, else 0."""
-    if settings.machine_rank or not settings.accelerate_config:
-        return settings.machine_rank
-    return int(yaml.safe_load(Path(settings.accelerate_config).read_text()).get("machine_rank", 0))
-
-
-def world_size(settings: TrainSettings) -> int:
-    if settings.num_processes is not None:
-        return settings.num_processes
-    if settings.accelerate_config:
-        return int(yaml.safe_load(Path(settings.accelerate_config).read_text()).get("num_processes", 1))
-    import torch
-
-    return max(torch.cuda.device_count(), 1) * settings.num_machines
+        if self.resume and self.force:
+            raise GQAConvertError("--resume continues the run in OUT and --force replaces it: pass one of them")
+        if self.trust_deepspeed_checkpoint and not self.resume:
+            raise GQAConvertError("--trust-deepspeed-checkpoint applies to --resume only: drop it")

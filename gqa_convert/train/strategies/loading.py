@@ -1,7 +1,8 @@
-"""Models loaded straight into their training layout: every process builds the model with its parameters
-on the meta device, applies its layout (freezing, checkpointing, sharding), allocates its own part on its
-device, and rank 0 alone reads the weights (in the checkpoint's dtype), which are broadcast tensor by
-tensor into every process's part. No other process ever holds the checkpoint in memory."""
+"""Models loaded straight into their training layout, and the optimizer over what trains: every process
+builds the model with its parameters on the meta device, applies its layout (freezing, checkpointing,
+sharding), allocates its own part on its device, and rank 0 alone reads the weights (in the
+checkpoint's dtype), which are broadcast tensor by tensor into every process's part. No other process
+ever holds the checkpoint in memory."""
 
 from __future__ import annotations
 
@@ -80,3 +81,25 @@ def freeze_all_but_attention(causal_lm: Any) -> None:
     ]
     for name, parameter in causal_lm.named_parameters():
         parameter.requires_grad = any(name.startswith(prefix) for prefix in prefixes)
+
+
+def build_optimizer(model: nn.Module, weight_decay: float, lr: float, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no decay on biases and norms (the groups are tagged, so a
+    resumed optimizer takes the run's weight decay, see set_hyperparameters)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
+    # fused: one kernel for all parameters (what the HF Trainer uses); not with sharded (DTensor) parameters
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if "decay" in group:
+            group["weight_decay"] = weight_decay if group["decay"] else 0.0

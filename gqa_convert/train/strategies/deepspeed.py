@@ -6,7 +6,8 @@ config over its own: micro-batch, accumulation and clipping are written into the
 gqa-convert's settings first. The student's head is used outside its module's forward (inside the
 wrapper's chunked loss), so it is registered as an external parameter of the wrapper; the teacher is
 its own ZeRO-3 inference engine (partitioned like the student, no optimizer). Checkpoints are
-Accelerate's save_state (DeepSpeed's own partitioned files).
+Accelerate's save_state: DeepSpeed's own partitioned files, which are pickles, so --resume loads them
+only with --trust-deepspeed-checkpoint (train.checkpoint.choose_resume).
 """
 
 from __future__ import annotations
@@ -20,12 +21,9 @@ from typing import Any
 import torch
 
 from gqa_convert.io.sources import load_causal_lm
-from gqa_convert.train.components import build_optimizer
-from gqa_convert.train.losses import Head
-from gqa_convert.train.modules import CausalLMWithChunkedLoss, FrozenTeacher, head_of
-from gqa_convert.train.parallel import DataParallel
-from gqa_convert.train.runtime import Runtime
-from gqa_convert.train.settings import TrainPlan
+from gqa_convert.train.losses import CausalLMWithChunkedLoss, FrozenTeacher, Head, head_of
+from gqa_convert.train.strategies.ddp import DataParallel
+from gqa_convert.train.strategies.loading import build_optimizer
 
 
 def configure_deepspeed(accelerator: Any, micro_batch: int, grad_accum: int, grad_clip: float) -> None:
@@ -39,33 +37,29 @@ def configure_deepspeed(accelerator: Any, micro_batch: int, grad_accum: int, gra
 
 
 class DeepSpeedZero3(DataParallel):
-    name = "deepspeed"
-    checkpoint_format = "deepspeed"
+    fused_optimizer = False
 
-    def __init__(self, runtime: Runtime, plan: TrainPlan) -> None:  # loads its own way: no super().__init__
+    def prepare(self) -> None:  # loads its own way
         import deepspeed
 
-        self.runtime, self.plan, self.settings = runtime, plan, plan.settings
-        accelerator = runtime.accelerator
-        configure_deepspeed(accelerator, self.settings.micro_batch_size, plan.grad_accum, self.settings.grad_clip)
+        accelerator = self.runtime.accelerator
+        configure_deepspeed(accelerator, self.settings.micro_batch_size, self.plan.grad_accum, self.settings.grad_clip)
         student = CausalLMWithChunkedLoss(_load(self.settings.model, torch.float32))  # partitioned while loading
         self.student_layout(student)
         head = student.causal_lm.get_output_embeddings()
         for parameter in (head.weight, head.bias):
             if parameter is not None:
                 deepspeed.zero.register_external_parameter(student, parameter)
-        optimizer = build_optimizer(student, self.settings)
+        optimizer = build_optimizer(student, self.settings.weight_decay, self.settings.lr)
         self.model, self.optimizer = accelerator.prepare(student, optimizer)
-        self.student = self.model.module
-        self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.teacher = None
+        self.student = self.model.module  # DeepSpeed scales fp16 losses itself: no scaler
         if self.settings.teacher is not None:
             self.teacher = self._teacher_engine(accelerator)
 
     def _teacher_engine(self, accelerator: Any) -> Any:
         import deepspeed
 
-        dtype = torch.bfloat16 if self.runtime.precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float32
         teacher = FrozenTeacher(_load(self.settings.teacher, dtype))
         config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)  # filled by prepare
         for key in ("optimizer", "scheduler"):
