@@ -18,6 +18,7 @@ import torch
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
+from gqa_convert.planning.run_plan import plan_run
 from gqa_convert.train.checkpoints import choose_resume, read_metrics
 from gqa_convert.train.components import micro_batch, open_blocks
 from gqa_convert.train.loop import run_worker
@@ -122,14 +123,19 @@ def dry_run_plan(plan: TrainPlan) -> dict[str, Any]:
 def uptrain(settings: TrainSettings) -> dict[str, Any]:
     """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or
     the final step, tokens and loss read back from OUT."""
+    if settings.dry_run and not settings.measure:
+        return plan_run(settings).to_dict()  # from the configs alone: no weights, data or OUT are read
     strategy = resolve_strategy(settings)  # before any work: a refused strategy costs nothing
     plan = dataclasses.replace(prepare(settings), strategy=strategy)
     if settings.dry_run:
         try:
-            return dry_run_plan(plan)
+            measured = dry_run_plan(plan)
         finally:
             if plan.scratch:
                 shutil.rmtree(plan.scratch, ignore_errors=True)
+        per_gpu = plan.step_tokens / plan.world_size / max(measured["measured_step_s"], 1e-3)
+        timing = {key: measured[key] for key in ("measured_step_s", "estimated_hours")}
+        return {**plan_run(settings, per_gpu).to_dict(), **timing, "measured_on": measured["device"]}
     if settings.resume:
         resume_from = choose_resume(plan)
         plan = dataclasses.replace(plan, resume_from=None if resume_from is None else str(resume_from))
