@@ -113,8 +113,9 @@ def plan_precision(setting: str, target: Target, strategy: str) -> tuple[str, st
     return precision, "cuda" if cuda else "cpu"
 
 
-def plan_run(settings: TrainSettings, measured_tokens_per_s: float | None = None) -> RunPlan:
-    """Plan from the configs alone. `measured_tokens_per_s` (per GPU) comes from --measure."""
+def plan_run(settings: TrainSettings, measured: tuple[float, str] | None = None) -> RunPlan:
+    """Plan from the configs alone. `measured` is (tokens/s per process, device) of a step timed by
+    --measure: it gives the time when measured on the kind of device planned for."""
     config = read_config(settings.model)
     check_seq_len(settings.seq_len, config)
     shape = model_shape(config)
@@ -149,7 +150,8 @@ def plan_run(settings: TrainSettings, measured_tokens_per_s: float | None = None
     if target.memory is not None and memory.required > target.memory:
         per_machine = max(1, world // settings.num_machines)
         changes = smallest_changes(shape, setup, target.memory, teacher, per_machine)
-    time, note = _time(settings, shape, teacher, target, world, budget.tokens, measured_tokens_per_s)
+    rate = measured[0] if measured is not None and measured[1] == device else None
+    time, note = _time(settings, shape, teacher, target, world, budget.tokens, rate)
     return RunPlan(
         settings, shape, teacher, strategy, world, accum, budget.steps, budget.origin, step_tokens, target, memory,
         changes, time, note,

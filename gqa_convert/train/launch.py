@@ -135,7 +135,11 @@ def uptrain(settings: TrainSettings) -> dict[str, Any]:
                 shutil.rmtree(plan.scratch, ignore_errors=True)
         per_gpu = plan.step_tokens / plan.world_size / max(measured["measured_step_s"], 1e-3)
         timing = {key: measured[key] for key in ("measured_step_s", "estimated_hours")}
-        return {**plan_run(settings, per_gpu).to_dict(), **timing, "measured_on": measured["device"]}
+        return {
+            **plan_run(settings, (per_gpu, measured["device"])).to_dict(),
+            **timing,
+            "measured_on": measured["device"],
+        }
     if settings.resume:
         resume_from = choose_resume(plan)
         plan = dataclasses.replace(plan, resume_from=None if resume_from is None else str(resume_from))
