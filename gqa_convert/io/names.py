@@ -49,5 +49,6 @@ OWNED_NAMES = (
     *TRAINING_MARKERS,
     "data",
     "recovery.png",
+    ".recovery.png.*.tmp",  # recovery.png being redrawn
     "runs",
 )

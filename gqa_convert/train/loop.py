@@ -25,6 +25,7 @@ import torch
 from gqa_convert.data.tokens import TokenBlocks, read_head
 from gqa_convert.errors import GQAConvertError, is_disk_full
 from gqa_convert.evaluate import perplexity_of
+from gqa_convert.report.recovery import refresh_recovery_plot
 from gqa_convert.train.checkpoints import (
     TrainerState,
     append_metrics,
@@ -40,6 +41,7 @@ from gqa_convert.train.losses import Weights
 from gqa_convert.train.parallel import DataParallel, FullyShard
 from gqa_convert.train.prepare import WORKER_ENV
 from gqa_convert.train.progress import TrainProgress
+from gqa_convert.train.references import source_reference
 from gqa_convert.train.runtime import (
     Runtime,
     check_shared_out,
@@ -163,8 +165,15 @@ def evaluate_now(worker: Worker) -> dict[str, float]:
 
 def log(worker: Worker, record: dict[str, Any]) -> None:
     accelerator = worker.runtime.accelerator
+    settings = worker.plan.settings
     if worker.runtime.is_main:
         append_metrics(worker.out / "metrics.jsonl", record)
+        if (
+            "eval_perplexity" in record
+            or record["step"] % settings.save_every == 0
+            or record["step"] == worker.plan.steps
+        ):
+            refresh_recovery_plot(worker.out, settings.model)
     if accelerator.trackers:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
@@ -222,6 +231,9 @@ def train(worker: Worker, state: TrainerState) -> int:
     saved = first = state.step
     progress = TrainProgress(runtime.accelerator, worker.plan.steps, state.step)
     epoch = worker.blocks.epoch_of(state.tokens // settings.seq_len)
+    if state.step == 0 and worker.eval_ids is not None:  # the curve's starting point and reference
+        source = source_reference(worker.strategy, worker.eval_ids, settings, runtime.accelerator)
+        log(worker, {"step": 0, "tokens": 0, **evaluate_now(worker), **source})
     worker.strategy.model.train()
     while state.step < worker.plan.steps:
         record = train_step(worker, state.step)
@@ -234,7 +246,8 @@ def train(worker: Worker, state: TrainerState) -> int:
                 f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {settings.seed})"
             )
             epoch = new_epoch
-        if worker.eval_ids is not None and settings.eval_every and state.step % settings.eval_every == 0:
+        last = state.step == worker.plan.steps
+        if worker.eval_ids is not None and (last or (settings.eval_every and state.step % settings.eval_every == 0)):
             record.update(evaluate_now(worker))
         with writing("metrics.jsonl", f"the checkpoint of step {saved} is kept" if saved else "no checkpoint is kept"):
             log(worker, record)
@@ -262,9 +275,6 @@ def run_worker(plan: TrainPlan) -> None:
             worker = setup(plan, runtime)
             state = resume(worker)
             saved = train(worker, state)
-        settings = plan.settings
-        if worker.eval_ids is not None and not (settings.eval_every and state.step % settings.eval_every == 0):
-            runtime.accelerator.print(f"final eval: {evaluate_now(worker)}")
         with writing("the final model", f"the checkpoint of step {saved} is kept", "rerun with --resume to export it"):
             export_model(worker.strategy, plan, state.step, state.tokens)
     finally:
