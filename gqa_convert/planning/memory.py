@@ -145,7 +145,7 @@ def _fsdp2(shape: ModelShape, setup: StepSetup, teacher: ModelShape | None, teac
     trainable = shape.trainable(setup.trainable)
     grads = 4 * _shard(trainable, world)
     root = _numel(shape.group(ROOT))
-    layer_trainable = max((_numel(tuple(t for t in trainable if t.group == i)) for i in range(shape.layers)), default=0)
+    layer_trainable = shape.largest_trainable_layer(setup.trainable)
     if setup.device == "cuda":
         step = 4 * _shard(trainable, world)  # foreach AdamW: sqrt of the second moments, all at once
     else:
@@ -187,7 +187,7 @@ def _deepspeed(shape: ModelShape, setup: StepSetup, teacher: ModelShape | None, 
         teacher_layout = teacher_bytes * math.ceil(teacher.parameters / world)
         teacher_root = teacher_bytes * _numel(teacher.group(ROOT))
         teacher_layers = 2 * teacher_bytes * teacher.largest_layer
-    layer_trainable = max((_numel(tuple(t for t in trainable if t.group == i)) for i in range(shape.layers)), default=0)
+    layer_trainable = shape.largest_trainable_layer(setup.trainable)
     return _Layout(
         parameters=low * partition + master,
         gradients=low * trainable_partition,

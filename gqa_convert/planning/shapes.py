@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,23 @@ class ModelShape:
     def group(self, index: int) -> tuple[Tensor, ...]:
         return tuple(t for t in self.tensors if t.group == index)
 
+    @cached_property
+    def _layer_sizes(self) -> dict[str, dict[int, int]]:
+        """Parameters per decoder layer: all, and those --trainable attention trains."""
+        sizes: dict[str, dict[int, int]] = {"all": {}, "attention": {}}
+        for t in self.tensors:
+            if t.group != ROOT:
+                sizes["all"][t.group] = sizes["all"].get(t.group, 0) + t.numel
+                sizes["attention"][t.group] = sizes["attention"].get(t.group, 0) + t.numel * t.attention
+        return sizes
+
     @property
     def largest_layer(self) -> int:
         """Parameters of the largest decoder layer (what a sharded strategy gathers at a time)."""
-        return max((sum(t.numel for t in self.group(i)) for i in range(self.layers)), default=0)
+        return self.largest_trainable_layer("all")
+
+    def largest_trainable_layer(self, trainable: str) -> int:
+        return max(self._layer_sizes[trainable].values(), default=0)
 
     def matrices(self, include_embedding: bool) -> int:
         """Elements of the 2-D tensors (what autocast copies to 16 bits for the matmuls)."""
