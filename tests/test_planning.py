@@ -302,6 +302,8 @@ def test_bad_plan_settings_fail_in_one_line(tmp_path):
     fails(base, "not valid JSON")
     (folder / "config.json").write_text(json.dumps({**LLAMA_8B, "num_hidden_layers": -2}))
     fails(base, "num_hidden_layers")
+    (folder / "config.json").write_text(json.dumps({**LLAMA_8B, "num_hidden_layers": 100_000}))
+    fails(base, "100000 decoder layers")  # refused before building 100k modules
     (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     fails(base, "not supported")
     fails(["uptrain", tmp_path / "absent", *base[2:]], "model not found")

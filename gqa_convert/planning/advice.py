@@ -17,6 +17,7 @@ from gqa_convert.planning.memory import MemoryPlan, StepSetup, plan_memory
 from gqa_convert.planning.shapes import ModelShape
 
 MAX_GPUS = 4096
+MAX_SCANNED = 4096  # micro-batches up to this are tried one by one, larger ones by halving
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ Fits = Callable[[StepSetup], MemoryPlan | None]
 def _micro_batches(setup: StepSetup) -> Iterator[tuple[StepSetup, str]]:
     """Smaller micro-batches, largest first, each with the accumulation that keeps the global batch."""
     per_step = setup.micro_batch * setup.grad_accum
-    for micro in range(setup.micro_batch - 1, 0, -1):
+    if setup.micro_batch <= MAX_SCANNED:
+        candidates = range(setup.micro_batch - 1, 0, -1)
+    else:  # halvings only: a scan would take as long as the number is large
+        candidates = [setup.micro_batch >> shift for shift in range(1, setup.micro_batch.bit_length())]
+    for micro in candidates:
         if per_step % micro == 0:
             accum = per_step // micro
             yield (

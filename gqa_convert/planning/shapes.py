@@ -15,6 +15,7 @@ from gqa_convert.arch import architecture_for, check_head_counts, head_dim_of, k
 from gqa_convert.errors import GQAConvertError
 
 ROOT = -1  # the group of the tensors outside the decoder layers
+MAX_LAYERS = 1024
 # architectures whose decoder layer the activation model follows exactly (RMSNorm, SDPA, gated MLP)
 LLAMA_STYLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "granite", "cohere"})
 
@@ -110,6 +111,11 @@ def model_shape(config: Any) -> ModelShape:
 
     transformers_logging.disable_progress_bar()
     arch = architecture_for(config.to_dict())
+    if int(config.num_hidden_layers) > MAX_LAYERS:  # each is built, even on the meta device
+        raise GQAConvertError(
+            f"the config has {config.num_hidden_layers} decoder layers, more than any model this plans "
+            f"({MAX_LAYERS}): check num_hidden_layers in config.json"
+        )
     config.use_cache = False
     try:
         with init_empty_weights(include_buffers=True):
