@@ -21,7 +21,7 @@ from gqa_convert.evaluate import EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
 from gqa_convert.planning.report import format_plan
-from gqa_convert.report.recovery import write_recovery_plot
+from gqa_convert.report.recovery import plot_run
 from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, REFINE_TARGETS, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
@@ -174,7 +174,7 @@ def uptrain(
 @user_errors()
 def plot(out: Path = typer.Argument(..., help="the output folder of an uptrain run (it holds metrics.jsonl)")) -> None:
     """Draw the recovery curve again: OUT/recovery.png from OUT/metrics.jsonl (needs matplotlib)."""
-    typer.echo(f"wrote {write_recovery_plot(out)}")
+    typer.echo(f"wrote {plot_run(out)}")
 
 
 @app.command()

@@ -103,9 +103,12 @@ def test_tampered_lines_are_dropped_with_one_warning(tmp_path):
 def test_plot_refusals_are_one_line(tmp_path, monkeypatch):
     fails(["plot", tmp_path / "absent"], "metrics.jsonl not found", "uptrain")
     out = _write(tmp_path / "run", _rows(steps=3))
+    (out / "notes.txt").write_text("mine")
+    fails(["plot", out], "did not write (notes.txt)")  # a folder with someone else's files
+    (out / "notes.txt").unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     fails(["plot", out], "needs matplotlib", "pip install 'gqa-convert[plot]'")
-    assert not (out / "recovery.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
 
 
 def test_a_run_draws_its_recovery_curve_with_the_teachers_perplexity(tmp_path):

@@ -157,6 +157,22 @@ def write_recovery_plot(out: Path, model: str | None = None) -> Path:
     return target
 
 
+def plot_run(out: Path) -> Path:
+    """`gqa-convert plot OUT`: redraw the recovery curve of an uptrain output folder. Only a folder
+    this tool wrote receives the file (the output guard's rule)."""
+    from gqa_convert.io.output import foreign_entries
+
+    if not (out / METRICS_FILE).is_file():
+        raise GQAConvertError(f"{out / METRICS_FILE} not found: give the output folder of an uptrain run")
+    foreign = foreign_entries(out)
+    if foreign:
+        raise GQAConvertError(
+            f"{out} holds files gqa-convert did not write ({', '.join(foreign[:3])}): recovery.png is written "
+            "only into an uptrain output folder"
+        )
+    return write_recovery_plot(out)
+
+
 def refresh_recovery_plot(out: Path, model: str | None = None) -> None:
     """For a running training: redraw, or warn once (per reason) and carry on."""
     try:
