@@ -48,7 +48,7 @@ probe = typer.Typer()
 @takes(TrainSettings, name="settings")
 def uptrain(settings: TrainSettings = None):
     captured["settings"] = settings
-probe(sys.argv[4:-1], standalone_mode=False)
+probe([arg for arg in sys.argv[4:] if arg != "--json"], standalone_mode=False)
 planning = time.perf_counter()
 plan_run(captured["settings"])
 print(json.dumps({"import_s": round(imported - started, 2), "planning_s": round(time.perf_counter() - planning, 2)}))
