@@ -255,6 +255,8 @@ def test_a_config_json_alone_is_planned_and_nothing_is_written(tmp_path):
     assert plan["memory"]["parameters"] == 4 * 8_030_261_248 and plan["steps"] == math.ceil(1e9 / (8 * 4096))
     assert plan["changes"] and all(c["required"] <= GPUS["h100"].memory for c in plan["changes"])
     assert plan["time"]["source"].startswith("estimate") and plan["time"]["gpu_hours"] > 0
+    other = plan["other_checkpointing"]  # the same step with checkpointing on
+    assert other["gradient_checkpointing"] and other["activations"] < plan["memory"]["activations"]
     table = runner.invoke(app_, [str(a) for a in args]).stdout
     assert "does NOT fit" in table and plan["changes"][0]["change"] in table and "GPU-hours" in table
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["config-only"]

@@ -64,6 +64,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"  {'margin':16s}{_size(memory['margin']):>12s}   {margin}",
         f"  {'required':16s}{_size(memory['required']):>12s}",
     ]
+    other = plan["other_checkpointing"]
+    lines.append(
+        f"  checkpointing {'on' if other['gradient_checkpointing'] else 'off'} instead: activations "
+        f"{_size(other['activations'])}, required {_size(other['required'])}"
+    )
     if memory["approximate"]:
         lines.append(f"  (activations follow a Llama-style layer: approximate for {plan['model_type']})")
     lines.append("")

@@ -5,6 +5,7 @@ changes that make it fit, and the time and GPU-hours of the budget. `uptrain --d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ class RunPlan:
     step_tokens: int
     target: Target
     memory: MemoryPlan
+    toggled: MemoryPlan  # the same step with gradient checkpointing switched the other way
     changes: list[Change] = field(default_factory=list)
     time: dict[str, Any] | None = None
     time_note: str = ""
@@ -64,6 +66,12 @@ class RunPlan:
             "gradient_checkpointing": memory.setup.checkpointing,
             "trainable": memory.setup.trainable,
             "memory": _memory_dict(memory),
+            "other_checkpointing": {
+                "gradient_checkpointing": self.toggled.setup.checkpointing,
+                "activations": self.toggled.activations,
+                "peak": self.toggled.peak,
+                "required": self.toggled.required,
+            },
             "gpu": {"name": self.target.label, "memory": self.target.memory, "source": self.target.source},
             "fits": self.fits,
             "changes": [{"change": c.flags, "required": c.plan.required} for c in self.changes],
@@ -146,6 +154,7 @@ def plan_run(settings: TrainSettings, measured: tuple[float, str] | None = None)
         trainable=settings.trainable,
     )
     memory = plan_memory(shape, setup, teacher)
+    toggled = plan_memory(shape, dataclasses.replace(setup, checkpointing=not setup.checkpointing), teacher)
     changes = []
     if target.memory is not None and memory.required > target.memory:
         per_machine = max(1, world // settings.num_machines)
@@ -154,7 +163,7 @@ def plan_run(settings: TrainSettings, measured: tuple[float, str] | None = None)
     time, note = _time(settings, shape, teacher, target, world, budget.tokens, rate)
     return RunPlan(
         settings, shape, teacher, strategy, world, accum, budget.steps, budget.origin, step_tokens, target, memory,
-        changes, time, note,
+        toggled, changes, time, note,
     )  # fmt: skip
 
 
