@@ -40,16 +40,19 @@ def _llama(**overrides) -> transformers.LlamaConfig:
 
 # ---- the activation model: what autograd keeps ----
 @pytest.mark.parametrize("trainable", ["all", "attention"])
-def test_a_decoder_layer_keeps_what_the_activation_model_counts(trainable):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_decoder_layer_keeps_what_the_activation_model_counts(trainable, precision):
     """Oracle: the distinct storages autograd saves in a LlamaDecoderLayer's forward (parameters and
-    the rotary tables shared by all layers left out), against tokens x layer_bytes_per_token."""
+    the rotary tables shared by all layers left out), against tokens x layer_bytes_per_token; bf16 is
+    how fsdp2 and DeepSpeed compute (parameters cast to bf16, no autocast)."""
     config = _llama()
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
     if trainable == "attention":
         for name, parameter in model.named_parameters():
             parameter.requires_grad = ".self_attn." in name
     batch, seq = 3, 20
-    hidden = torch.randn(batch, seq, config.hidden_size, requires_grad=True)
+    hidden = torch.randn(batch, seq, config.hidden_size, requires_grad=True, dtype=dtype)
     positions = torch.arange(seq)[None]
     rotary = model.model.rotary_emb(hidden, positions)
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *rotary, hidden]}
@@ -63,8 +66,9 @@ def test_a_decoder_layer_keeps_what_the_activation_model_counts(trainable):
 
     with saved_tensors_hooks(pack, lambda tensor: tensor):
         model.model.layers[0](hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
-    kept_input = batch * seq * config.hidden_size * 4  # the layer's input, saved by its first norm
-    expected = batch * seq * layer_bytes_per_token(model_shape(config), "fp32", trainable)
+    # in fp32 the first norm saves the layer's input itself (left out above); in bf16 an fp32 copy of it
+    kept_input = batch * seq * config.hidden_size * 4 if precision == "fp32" else 0
+    expected = batch * seq * layer_bytes_per_token(model_shape(config), precision, trainable)
     assert sum(saved.values()) + kept_input == expected
 
 
