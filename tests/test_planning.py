@@ -118,7 +118,8 @@ def test_ddp_fsdp2_and_deepspeed_memory_by_hand():
     persistent = 5 * 512  # the norms: under 1e5 elements, whole on every GPU
     partition = math.ceil(total / 8)
     assert deepspeed.parameters == 2 * (math.ceil((total - persistent) / 8) + persistent) + 4 * partition
-    assert (deepspeed.gradients, deepspeed.optimizer, deepspeed.buffers) == (2 * partition, 8 * partition, 2 * total)
+    bucket = 2 * 500_000_000  # the reduce bucket, in bf16
+    assert (deepspeed.gradients, deepspeed.optimizer, deepspeed.buffers) == (2 * partition, 8 * partition, bucket)
     fp32 = plan_memory(shape, StepSetup(strategy="deepspeed", world=8, **{**base, "precision": "no"}))
     assert fp32.parameters == 4 * (math.ceil((total - persistent) / 8) + persistent)  # the master weights are them
 

@@ -196,7 +196,7 @@ def _deepspeed(shape: ModelShape, setup: StepSetup, teacher: ModelShape | None, 
         late_gradients=low * math.ceil(_numel(_late(shape, trainable)) / world),
         optimizer=8 * trainable_partition,
         teacher=teacher_layout,
-        buffers=low * min(DEEPSPEED_REDUCE_BUCKET, max(_numel(trainable), 1)),
+        buffers=low * DEEPSPEED_REDUCE_BUCKET,  # allocated whole, whatever the model's size
         gathered=low * (root + 2 * shape.largest_layer),
         teacher_gathered=teacher_root,
         teacher_forward_gathered=teacher_root + teacher_layers,
