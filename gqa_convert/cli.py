@@ -18,6 +18,8 @@ from gqa_convert.data.tokenize import tokenize as run_tokenize
 from gqa_convert.evaluate import EvalOptions
 from gqa_convert.evaluate import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
+from gqa_convert.planning.report import format_plan
+from gqa_convert.report.recovery import plot_run
 from gqa_convert.surgery.convert import expand as run_expand
 from gqa_convert.surgery.convert import pool as run_pool
 from gqa_convert.surgery.options import ExpandOptions, PoolOptions
@@ -91,10 +93,23 @@ def expand(source: str = SOURCE, out: Path = OUT, options: ExpandOptions = None)
 @app.command()
 @user_errors("rerun with --resume to continue from the last checkpoint")
 @takes(TrainSettings, name="settings")
-def uptrain(settings: TrainSettings = None) -> None:
+def uptrain(
+    as_json: bool = typer.Option(False, "--json", help="with --dry-run: print the plan as one JSON object"),
+    settings: TrainSettings = None,
+) -> None:
     """Continued pre-training of a converted model (the GQA paper's uptraining) with Accelerate."""
     result = run_uptrain(settings)
-    typer.echo(json.dumps(result, indent=2 if settings.dry_run else None))
+    if settings.dry_run and not as_json:
+        typer.echo(format_plan(result))
+    else:
+        typer.echo(json.dumps(result, indent=2 if settings.dry_run else None))
+
+
+@app.command()
+@user_errors()
+def plot(out: Path = typer.Argument(..., help="the output folder of an uptrain run (it holds metrics.jsonl)")) -> None:
+    """Draw the recovery curve again: OUT/recovery.png from OUT/metrics.jsonl (needs matplotlib)."""
+    typer.echo(f"wrote {plot_run(out)}")
 
 
 @app.command()

@@ -64,10 +64,10 @@ PY
 step "5. bench: what the smaller cache buys at decode time (cache bytes actually held, memory, speed)"
 gqa-convert bench "$OUT/gqa3" "$OUT/mqa-uptrained" --seq-len 1024 --new-tokens 16
 
-step "6. what a full uptrain budget needs: the paper's 5% of SmolLM2's 2T pre-training tokens, planned and timed here"
+step "6. what a full uptrain budget needs: the paper's 5% of SmolLM2's 2T pre-training tokens, planned for 8 H100s"
 gqa-convert uptrain "$OUT/mqa-aligned" -o "$OUT/plan" --data "$DATA/calibration.txt" --seq-len 2048 \
-  --micro-batch-size 1 --num-processes 1 --dry-run
+  --micro-batch-size 8 --num-processes 8 --gpu h100 --dry-run
 echo
 echo "Done in $((SECONDS - started)) s. The mean-pooled MQA is what the GQA paper starts uptraining from; the"
-echo "calibrated merge starts far closer to the original, and uptraining on the full budget (the dry run above:"
-echo "steps and an estimate from a step measured on this machine) is what closes the rest of the gap."
+echo "calibrated merge starts far closer to the original, and uptraining on the full budget (the plan above:"
+echo "memory per GPU, steps and GPU-hours) is what closes the rest of the gap."

@@ -51,7 +51,8 @@ def run(command: list[str]) -> str:
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    rows = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows if r["step"] > 0}  # step 0: the evaluation before training
 
 
 def worst_gap(a: dict[int, float], b: dict[int, float], first: int = 1) -> float:
@@ -114,8 +115,15 @@ def test_fsdp2_shards_and_tracks_ddp(fsdp2_run, ddp_run):
     gap = worst_gap(losses(fsdp2_out), losses(ddp_out))
     print(f"FSDP2 vs DDP: max relative loss gap {gap:.3e} over {STEPS} steps")
     assert gap <= 2e-3
-    distill = [json.loads(line)["distill_loss"] for line in (fsdp2_out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (fsdp2_out / "metrics.jsonl").read_text().splitlines()]
+    distill = [row["distill_loss"] for row in rows if row["step"] > 0]
     assert min(distill) > 1e-3  # a teacher that differs from the student: a real signal
+
+
+def models_of(out: Path) -> tuple[str, str]:
+    """The student and teacher a run trained, from its provenance."""
+    arguments = json.loads((out / "gqa_convert.json").read_text())["uptrain"]["arguments"]
+    return arguments["model"], arguments["teacher"]
 
 
 def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
@@ -138,10 +146,15 @@ def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
     (eval_folder,) = [folder for folder in (out / "data").iterdir() if read_manifest(folder)["job"]["head"]]
     ids = torch.from_numpy(read_head(eval_folder, 1000))
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in logged if "eval_perplexity" in r] == [STEPS // 2, STEPS]
+    assert [r["step"] for r in logged if "eval_perplexity" in r] == [0, STEPS // 2, STEPS]
     expected = perplexity_of(exported, ids, 32)
     assert logged[-1]["eval_tokens"] == expected["tokens"]
     assert logged[-1]["eval_perplexity"] == pytest.approx(expected["perplexity"], rel=1e-4)
+    # step 0, measured by the two sharded processes: the starting model's and the teacher's perplexity
+    student, teacher = (AutoModelForCausalLM.from_pretrained(model) for model in models_of(out))
+    assert logged[0]["eval_perplexity"] == pytest.approx(perplexity_of(student, ids, 32)["perplexity"], rel=1e-4)
+    assert logged[0]["source_perplexity"] == pytest.approx(perplexity_of(teacher, ids, 32)["perplexity"], rel=1e-4)
+    assert (out / "recovery.png").is_file()
 
 
 def test_fsdp2_sigkill_then_resume_on_two_and_on_one_process(models, fsdp2_run, tmp_path):

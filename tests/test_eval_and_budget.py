@@ -149,7 +149,9 @@ def test_uptrain_bad_settings(trainable, tmp_path):
         ["uptrain", str(trainable), "-o", str(out), "--data", str(SAMPLE), "--seq-len", "32"], "not known", "--tokens"
     )
     fails(_uptrain(trainable, out, "--data", SAMPLE, "--global-batch-tokens", 1000), "not a multiple")
-    fails(_uptrain(trainable, out, "--data", SAMPLE, "--mixed-precision", "bf16", "--dry-run"), "needs a GPU")
+    fails(
+        _uptrain(trainable, out, "--data", SAMPLE, "--mixed-precision", "bf16", "--dry-run", "--measure"), "needs a GPU"
+    )
     assert not out.exists()
     out.mkdir()
     (out / "x").write_text("")
@@ -159,7 +161,20 @@ def test_uptrain_bad_settings(trainable, tmp_path):
 def test_dry_run_prints_the_plan_and_writes_nothing(trainable, tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(
-        app, _uptrain(trainable, out, "--data", SAMPLE, "--micro-batch-size", 2, "--grad-accum", 4, "--dry-run")
+        app,
+        _uptrain(
+            trainable,
+            out,
+            "--data",
+            SAMPLE,
+            "--micro-batch-size",
+            2,
+            "--grad-accum",
+            4,
+            "--dry-run",
+            "--measure",
+            "--json",
+        ),
     )
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)

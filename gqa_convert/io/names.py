@@ -50,6 +50,7 @@ OWNED_NAMES = (
     *TRAINING_MARKERS,
     "data",
     "recovery.png",
+    ".recovery.png.*.tmp",  # recovery.png being redrawn
     "runs",
     ".export-tmp",
     ".visible-*",

@@ -17,6 +17,7 @@ import torch
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
+from gqa_convert.planning.run_plan import plan_run
 from gqa_convert.train.data import Batches
 from gqa_convert.train.export import exported
 from gqa_convert.train.loop import run_worker
@@ -31,13 +32,19 @@ from gqa_convert.train.strategies import STRATEGIES
 def uptrain(settings: TrainSettings) -> dict[str, Any]:
     """Library entry point: prepare, then train (or only plan, with dry_run). Returns the plan, or the
     final step, tokens and loss read back from OUT."""
+    if settings.dry_run and not settings.measure:
+        return plan_run(settings).to_dict()  # from the configs alone: no weights, data or OUT are read
     with prepared(settings) as plan:
         if settings.dry_run:
             try:
-                return dry_run_plan(plan)
+                measured = dry_run_plan(plan)
             finally:
                 if plan.scratch:
                     shutil.rmtree(plan.scratch, ignore_errors=True)
+            per_gpu = plan.step_tokens / plan.world_size / max(measured["measured_step_s"], 1e-3)
+            timing = {key: measured[key] for key in ("measured_step_s", "estimated_hours")}
+            planned = plan_run(settings, (per_gpu, measured["device"])).to_dict()
+            return {**planned, **timing, "measured_on": measured["device"]}
         if plan.resume_step == plan.steps and exported(plan):
             print(
                 f"{plan.out} is finished (step {plan.steps} of {plan.steps}) and exported: nothing to do",

@@ -29,12 +29,14 @@ import torch
 from gqa_convert.data.tokens import read_head
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.evaluate import perplexity_of
+from gqa_convert.report.recovery import refresh_recovery_plot
 from gqa_convert.train.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gqa_convert.train.data import Batches
 from gqa_convert.train.export import export_model
 from gqa_convert.train.losses import LossParts, Weights
 from gqa_convert.train.metrics import MetricsLog, TrainProgress, trim_metrics
 from gqa_convert.train.plan import WORKER_ENV, TrainPlan
+from gqa_convert.train.references import source_reference
 from gqa_convert.train.runtime import (
     Runtime,
     check_shared_out,
@@ -131,6 +133,9 @@ class Trainer:
         first = self.step
         progress = TrainProgress(self.runtime.is_main, self.plan.steps, self.step)
         epoch = self.batches.epoch_of(self.tokens // self.settings.seq_len)
+        if self.step == 0 and self.eval_ids is not None:  # the curve's starting point and its reference
+            source = source_reference(self.strategy, self.eval_ids, self.settings, self.runtime.accelerator)
+            self.log({"step": 0, "tokens": 0, **self.evaluate(), **source})
         self.strategy.model.train()
         while self.step < self.plan.steps:
             record = self.train_step()
@@ -209,7 +214,9 @@ class Trainer:
                 yield head
 
     def evaluation_due(self) -> bool:
-        return bool(self.settings.eval_every) and self.step % self.settings.eval_every == 0
+        """At every --eval-every steps and at the last step (the curve's end point)."""
+        every = self.settings.eval_every
+        return self.step == self.plan.steps or (bool(every) and self.step % every == 0)
 
     def evaluate(self) -> dict[str, float]:
         with self.strategy.autocast():
@@ -226,6 +233,9 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         with writing("metrics.jsonl", self._kept(), path=self.metrics.path):
             self.metrics.write(record)
+            plotted = "eval_perplexity" in record or record["step"] % self.settings.save_every == 0
+            if self.runtime.is_main and (plotted or record["step"] == self.plan.steps):
+                refresh_recovery_plot(self.plan.out, self.settings.model)
 
     def checkpoint(self) -> None:
         fmt = STRATEGIES[self.plan.strategy].checkpoint_format
@@ -261,8 +271,6 @@ def run_worker(plan: TrainPlan) -> None:
             trainer = Trainer(plan, runtime)
             trainer.resume()
             trainer.train()
-        if trainer.eval_ids is not None and not trainer.evaluation_due():
-            runtime.accelerator.print(f"final eval: {trainer.evaluate()}")
         trainer.export()
     finally:
         stop(runtime)

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import Options, option
+from gqa_convert.planning.hardware import GPU_CHOICES
 from gqa_convert.train.strategies import STRATEGY_CHOICES
-from gqa_convert.units import parse_tokens
+from gqa_convert.units import parse_size, parse_tokens
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRAINABLE = ("all", "attention")
@@ -83,7 +84,23 @@ class TrainSettings(Options):
         help="auto (the YAML's sharding, else ddp), ddp, fsdp2 (sharded, CPU or GPU) or deepspeed (ZeRO-3, GPU)",
         choices=STRATEGY_CHOICES,
     )
-    dry_run: bool = option(False, help="print the plan and a measured time estimate")
+    dry_run: bool = option(
+        False, help="plan the run from the model's config alone: memory per GPU, whether it fits, time; train nothing"
+    )
+    measure: bool = option(False, help="with --dry-run: also load the model and time one step on this machine")
+    gpu: str = option("auto", help="the GPU to plan for (default: the one detected)", choices=GPU_CHOICES)
+    gpu_memory: int | None = option(
+        None, help="memory per GPU to plan for, e.g. 80GB or 80GiB", parse=parse_size, min=1, metavar="SIZE"
+    )
+    tokens_per_second: float | None = option(
+        None, help="training tokens/s per GPU, for the plan's time (default: estimated from FLOPs)", above=0
+    )
+    mfu: float = option(0.35, help="model FLOPs utilisation the plan's time estimate assumes", above=0, max=1)
+    source_perplexity: float | None = option(
+        None,
+        help="the source model's held-out perplexity, a reference line of recovery.png (default: the teacher's)",
+        above=0,
+    )
     timeout_minutes: float = option(
         60.0, help="how long a process waits for the others: rank 0's tokenization, rendezvous, collectives", above=0
     )
@@ -105,3 +122,7 @@ class TrainSettings(Options):
             raise GQAConvertError("--resume continues the run in OUT and --force replaces it: pass one of them")
         if self.trust_deepspeed_checkpoint and not self.resume:
             raise GQAConvertError("--trust-deepspeed-checkpoint applies to --resume only: drop it")
+        if self.measure and not self.dry_run:
+            raise GQAConvertError("--measure times one step of a --dry-run: add --dry-run")
+        if self.source_perplexity is not None and not self.eval_data:
+            raise GQAConvertError("--source-perplexity is drawn beside the held-out perplexity: add --eval-data")

@@ -142,9 +142,9 @@ STRATEGIES: dict[str, StrategySpec] = {
 STRATEGY_CHOICES = ("auto", *STRATEGIES)
 
 
-def resolve_strategy(asked: str, config: AccelerateConfig | None, precision: str, cuda: bool) -> StrategySpec:
-    """The strategy in effect: --strategy, else the YAML's sharding, else ddp. Refused in one line when
-    it cannot run here or contradicts the YAML; YAML settings it does not apply are named in a warning."""
+def chosen_strategy(asked: str, config: AccelerateConfig | None) -> StrategySpec:
+    """--strategy, else the YAML's sharding, else ddp, with the rules that hold on any machine (a run
+    may be planned on a laptop): the YAML's own rule, no contradiction, the YAML a strategy needs."""
     from_yaml = None
     if config is not None and config.distributed_type not in ("NO", "MULTI_GPU", "MULTI_CPU"):
         from_yaml = next((spec for spec in STRATEGIES.values() if spec.yaml_type == config.distributed_type), None)
@@ -166,6 +166,13 @@ def resolve_strategy(asked: str, config: AccelerateConfig | None, precision: str
             f"--strategy {spec.name} needs its settings in an Accelerate YAML: pass --accelerate-config "
             f"{spec.yaml_example}"
         )
+    return spec
+
+
+def resolve_strategy(asked: str, config: AccelerateConfig | None, precision: str, cuda: bool) -> StrategySpec:
+    """The strategy in effect (chosen_strategy), refused in one line when it cannot run here; YAML
+    settings it does not apply are named in a warning."""
+    spec = chosen_strategy(asked, config)
     if spec.needs_gpu and not cuda:
         raise GQAConvertError(
             f"the {spec.name} strategy needs GPUs and none is visible: use --strategy fsdp2 (it runs on CPU too)"
