@@ -19,11 +19,13 @@ _POLL_S = 0.2
 @contextlib.contextmanager
 def _display(enabled: bool, units: int) -> Iterator[Callable[[int, int], None]]:
     """A callable show(tokens, units_done) that updates a progress line (or does nothing)."""
-    if not enabled:
-        yield lambda tokens, done: None
-        return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:  # elsewhere (a log file, a pipe) it would only add a blank line
+        yield lambda tokens, done: None
+        return
 
     columns = (
         TextColumn("tokenizing"),
@@ -33,7 +35,7 @@ def _display(enabled: bool, units: int) -> Iterator[Callable[[int, int], None]]:
         TimeElapsedColumn(),
     )
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("tokenize", total=units, tokens=0, rate=0.0)
 
         def show(tokens: int, done: int) -> None:

@@ -50,7 +50,7 @@ def _dry_run_data(items: list[RunData], settings: TrainSettings, info: Tokenizer
 
 def _data(settings: TrainSettings, need: int, out: Path) -> tuple[RunData, RunData | None, str | None]:
     """The run's token folders: made (machine rank 0) or waited for (the others), checked."""
-    info = tokenizer_info(load_tokenizer(settings.model))
+    info = tokenizer_info(load_tokenizer(settings.model, check_vocab=True))
     train = plan_data(settings.data, settings, info, out, settings.seq_len, need, head=False)
     evaluation = None
     if settings.eval_data:

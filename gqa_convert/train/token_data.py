@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gqa_convert.data.manifest import MANIFEST, TokenizerInfo, check_tokenizer, is_token_folder, read_manifest
+from gqa_convert.data.manifest import (
+    MANIFEST,
+    TokenizerInfo,
+    check_token_ids,
+    check_tokenizer,
+    is_token_folder,
+    read_manifest,
+)
 from gqa_convert.data.tokenize import (
     TokenizeOptions,
     describe_job,
@@ -24,8 +31,10 @@ from gqa_convert.data.tokenize import (
     write_token_folder,
 )
 from gqa_convert.data.tokens import tokenize_head
+from gqa_convert.data.vocabulary import config_vocab_size
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import clear_output_folder
+from gqa_convert.io.sources import model_config
 from gqa_convert.train.settings import TrainSettings
 
 POLL_S = 2.0
@@ -70,6 +79,7 @@ def plan_data(
             warnings.warn(f"{', '.join(ignored)} ignored: {data} is already tokenized", stacklevel=2)
         manifest = read_manifest(data)
         check_tokenizer(manifest, info.tokenizer, data, settings.model)
+        check_token_ids(data, manifest, config_vocab_size(model_config(settings.model)), settings.model)
         folder = Path(data).resolve()
         if settings.force and not settings.resume and out in folder.parents:
             raise GQAConvertError(f"{data} is inside {out}, which --force replaces: move it out of {out} first")
