@@ -69,12 +69,13 @@ def staging_for(staging: Path, job: dict[str, Any], force: bool) -> Iterator[Non
 
 
 def finalize(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Keep only the listed shards, write the manifest last, and rename the folder into place."""
+    """Write the manifest, keep only the listed shards, and rename the folder into place. (The
+    records stay until the manifest is written: a failure there leaves every unit to resume.)"""
+    write_json_atomic(staging / MANIFEST, manifest)
     kept = {record["file"] for record in manifest["shards"]}
     for path in staging.iterdir():
         if path.name != MANIFEST and path.name not in kept:
             path.unlink()
-    write_json_atomic(staging / MANIFEST, manifest)
     if final.exists():  # replaced (the caller checked it may be)
         trash = final.parent / f".{final.name.lstrip('.')}.old"
         shutil.rmtree(trash, ignore_errors=True)
@@ -87,7 +88,7 @@ def finalize(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
 
 
 def _megabytes(size: float) -> str:
-    return f"{size / 1e6:,.1f} MB"
+    return f"{size / 1e6:,.1f} MB" if size >= 1e5 else f"{size / 1e3:,.1f} kB"
 
 
 def _input_bytes(unit: WorkUnit) -> int | None:
@@ -111,6 +112,8 @@ def io_failure(error: OSError | UnitIOError, staging: Path, units: list[WorkUnit
         path, code, action = error.path, error.errno_value, error.action
     else:
         path, code, action = str(error.filename or staging), error.errno, "write"
+    if Path(path).parent == staging:  # a shard, record or temporary file: the folder says more
+        path = str(staging)
     kept, kept_bytes = [], 0
     if staging.is_dir() and not staging.is_symlink():
         for leftover in staging.glob(".*.tmp"):

@@ -53,6 +53,12 @@ def calibration_ids(checkpoint: Checkpoint, calibration: Calibration) -> torch.T
     """(n, seq_len) token ids: the first tokens of each calibration text (an equal share each), their
     windows interleaved so that every batch, and the held-out batches, mix the texts."""
     share = calibration.tokens // len(calibration.sources)
+    if share < calibration.seq_len:  # the settings, not the text, leave no whole window
+        each = f" ({share} for each of {len(calibration.sources)} texts)" if len(calibration.sources) > 1 else ""
+        raise GQAConvertError(
+            f"--calib-tokens {calibration.tokens}{each} is less than one window of --calib-seq-len "
+            f"{calibration.seq_len}: raise --calib-tokens or lower --calib-seq-len"
+        )
     parts = [
         _windows(checkpoint, data, share, calibration.seq_len, calibration.text_column) for data in calibration.sources
     ]
