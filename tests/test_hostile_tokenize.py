@@ -381,11 +381,10 @@ def test_a_full_disk_in_worker_processes_is_one_line_and_a_rerun_resumes(tokeniz
     assert limited.stderr.count("\n") == 1 and limited.stderr.startswith("error: cannot write"), limited.stderr
     assert "File too large" in limited.stderr and "the 4 finished units of 5" in limited.stderr
     assert not (tmp_path / "out").exists() and not list((tmp_path / ".out.partial").glob(".*.tmp"))
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr
-    assert json.loads(rerun.stdout)["resumed_units"] == 4
-    reference = run(corpus, tmp_path / "reference", tokenizer_dir)
-    assert ids(tmp_path / "out") == ids(tmp_path / "reference") and reference["documents"] == 5
+    rerun = run(corpus, tmp_path / "out", tokenizer_dir, num_proc=2, unit_bytes=None)  # the command's settings
+    reference = run(corpus, tmp_path / "reference", tokenizer_dir, unit_bytes=None)
+    assert rerun["resumed_units"] == 4 and reference["documents"] == 5
+    assert folder_digest(tmp_path / "out") == folder_digest(tmp_path / "reference")
 
 
 def test_a_manifest_write_refused_keeps_every_unit(tokenizer_dir, tmp_path, monkeypatch):
@@ -471,8 +470,12 @@ def test_an_empty_corpus_is_refused_not_written_as_zero_tokens(case, tokenizer_d
 
 
 def test_the_command_line_prints_one_line_and_names_what_is_wrong(tokenizer_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from gqa_convert.cli import app
+
     rows = tmp_path / "rows.jsonl"
-    rows.write_bytes(_jsonl(["text " * 50] * 2000 + [{"a": 1}]))  # refused inside a worker, after progress began
+    rows.write_bytes(_jsonl(["text " * 50] * 2000 + [{"a": 1}]))  # refused while a unit is tokenized
     (tmp_path / "good.txt").write_text("some text")
     run(tmp_path / "good.txt", tmp_path / "tokens", tokenizer_dir)
     cases = {
@@ -481,9 +484,8 @@ def test_the_command_line_prints_one_line_and_names_what_is_wrong(tokenizer_dir,
         "token-folder-as-data": ([str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir)], "is a token folder"),
     }
     for name, (arguments, words) in cases.items():
-        command = [sys.executable, "-m", "gqa_convert.cli", "tokenize", *arguments, "-o", str(tmp_path / name)]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and result.stderr.startswith("error: "), (name, result.stderr)
+        result = CliRunner().invoke(app, ["tokenize", *arguments, "-o", str(tmp_path / name)])
+        assert result.exit_code == 2 and result.stderr.startswith("error: "), (name, result.stderr)
         assert result.stderr.count("\n") == 1 and words in result.stderr, (name, result.stderr)
         assert not (tmp_path / name).exists()
 

@@ -126,11 +126,13 @@ def _read_json(folder: Path) -> Any:
 
 
 def is_token_folder(data: str | Path) -> bool:
-    """A folder written by `gqa-convert tokenize`: its manifest.json says so, or a manifest.json that
-    cannot be read sits beside shard files (what is left of one)."""
+    """A folder written by `gqa-convert tokenize`: its manifest.json says so, or shard files lie there
+    beside a manifest.json that cannot be read or none (what is left of one: read_manifest says so)."""
     folder = Path(data)
-    if not (folder / MANIFEST).is_file():
+    if not folder.is_dir():
         return False
+    if not (folder / MANIFEST).exists():
+        return _holds_shards(folder)
     try:
         manifest = _read_json(folder)
     except GQAConvertError:
