@@ -505,7 +505,7 @@ def test_an_output_beside_a_gguf_file_is_not_inside_it(tmp_path):
     check_output_folder(tmp_path / "out", gguf, force=False)  # beside the file: allowed
     with pytest.raises(GQAConvertError, match="is the source file"):
         check_output_folder(gguf, gguf, force=False)
-    message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "could not be read as GGUF")
+    message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "GGUF version 0 is not supported")
     assert "inside the source" not in message
 
 

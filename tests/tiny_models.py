@@ -107,8 +107,11 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> transformers.Pre
 def build_trainable(folder: Path, model_type: str = "llama", **overrides: object) -> transformers.PreTrainedModel:
     """A tiny model with its own tokenizer, at the init scale (std 0.02), ready to train."""
     tokenizer = save_tiny_tokenizer(folder)
+    # the model type decides the tokenizer class transformers loads, which may add tokens (qwen2: one)
+    tiny_config(model_type, vocab_size=len(tokenizer)).save_pretrained(folder)
+    vocab_size = len(transformers.AutoTokenizer.from_pretrained(folder))
     torch.manual_seed(0)
-    config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
+    config = tiny_config(model_type, vocab_size=vocab_size, max_position_embeddings=256, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     return model

@@ -51,10 +51,7 @@ def row_text(line: bytes, file: Path, offset: int, text_column: str) -> str | No
     row = json_row(line, file, offset)
     if text_column not in row:
         raise GQAConvertError(f"{file} has no column '{text_column}' (columns: {', '.join(row)}): pass --text-column")
-    value = row[text_column]
-    if value is None or isinstance(value, str):
-        return value or None
-    return document_text(value, text_column, _where(file, offset))  # refuses it, naming the line
+    return document_text(row[text_column], text_column, lambda: _where(file, offset))
 
 
 def check_first_row(file: Path, text_column: str) -> None:

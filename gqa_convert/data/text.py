@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +23,26 @@ def is_hub_id(data: str | Path) -> bool:
     return not Path(data).exists() and bool(_HUB_DATASET.match(str(data))) and not Path(data).suffix
 
 
-def document_text(value: Any, column: str, where: str) -> str | None:
+def document_text(value: Any, column: str, where: str | Callable[[], str]) -> str | None:
     """The text of one row: a string; None for an empty or null cell (an empty document, skipped).
-    Anything else (a list, an object, a number) is refused with one line naming the row: its Python
-    form is never tokenized."""
+    Anything else (a list, an object, a number, a string holding an unpaired surrogate escape) is
+    refused with one line naming the row (`where`, or a function that says it): its Python form is
+    never tokenized."""
     if value is None:
         return None
     if isinstance(value, str):
-        return value or None
-    kind = next((name for types, name in _KINDS if isinstance(value, types)), type(value).__name__)
+        if value.isascii():
+            return value or None
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError as error:
+            kind = f"an unpaired surrogate escape at character {error.start}"
+    else:
+        kind = next((name for types, name in _KINDS if isinstance(value, types)), type(value).__name__)
+    place = where() if callable(where) else where
     raise GQAConvertError(
-        f"{where}: column '{column}' holds {kind}, not text: pass --text-column with the column that holds "
+        f"{place}: column '{column}' holds {kind}, not text: pass --text-column with the column that holds "
         "the text, or fix the row"
     )
 

@@ -216,6 +216,8 @@ def _check_paths(data: str, out: Path, force: bool) -> None:
     data_path = Path(data).resolve()
     if data_path.is_dir() and (out == data_path or data_path in out.parents):
         raise GQAConvertError(f"output {out} is inside the data folder {data_path}: choose a folder outside it")
+    if is_local(data) and out in data_path.parents:  # replacing OUT would delete the data
+        raise GQAConvertError(f"the data {data_path} is inside the output {out}: move it out or choose another -o")
     check_output_folder(out, None, force)
 
 
