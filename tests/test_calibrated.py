@@ -16,7 +16,7 @@ from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import Calibration, PoolOptions
 
 from test_bad_input import fails
-from tiny_models import load, logits, save_tiny_tokenizer, tiny_config
+from tiny_models import fit_vocabulary, load, logits, save_tiny_tokenizer, tiny_config
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 CALIBRATION = Calibration(data=str(SAMPLE), tokens=1024, seq_len=64)  # the defaults: the full recipe
@@ -33,6 +33,7 @@ def build(folder: Path, model_type: str, **overrides) -> transformers.PreTrained
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.1)
+    fit_vocabulary(model, folder, model_type)
     model.save_pretrained(folder)
     return model
 

@@ -242,6 +242,11 @@ def test_a_long_line_gives_the_ids_of_one_call_and_the_same_bytes_for_any_split(
     large = run(tmp_path / "line.txt", tmp_path / "large", tokenizer_dir, unit_bytes=4 * UNIT, num_proc=2)
     assert len(small["shards"]) > len(large["shards"]) >= 1
     assert ids(tmp_path / "small") == ids(tmp_path / "large") == encode(tokenizer, line) + [tokenizer.eos_token_id]
+    (tmp_path / "row.jsonl").write_bytes(_jsonl([line, "short"]))  # a row's long text: cut the same way
+    rows = run(tmp_path / "row.jsonl", tmp_path / "row", tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    assert ids(tmp_path / "row") == encode(tokenizer, line) + [eos] + encode(tokenizer, "short") + [eos]
+    assert rows["documents"] == 2
 
 
 def _truncate(file: Path) -> None:
@@ -482,6 +487,7 @@ def test_the_command_line_prints_one_line_and_names_what_is_wrong(tokenizer_dir,
         "bad-row": ([str(rows), "--tokenizer", str(tokenizer_dir)], "line 2001"),
         "missing-tokenizer": ([str(rows), "--tokenizer", str(tmp_path / "nowhere")], "does not exist"),
         "token-folder-as-data": ([str(tmp_path / "tokens"), "--tokenizer", str(tokenizer_dir)], "is a token folder"),
+        "empty-data-path": (["", "--tokenizer", str(tokenizer_dir)], "the data path is empty"),
     }
     for name, (arguments, words) in cases.items():
         result = CliRunner().invoke(app, ["tokenize", *arguments, "-o", str(tmp_path / name)])

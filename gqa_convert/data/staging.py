@@ -22,7 +22,7 @@ from typing import Any
 
 from gqa_convert.data.manifest import MANIFEST, write_json_atomic
 from gqa_convert.data.units import WorkUnit
-from gqa_convert.data.worker import UnitIOError, finished_record
+from gqa_convert.data.worker import UnitIOError, finished_record, shard_name
 from gqa_convert.errors import DISK_FULL_ERRNOS, GQAConvertError
 
 JOB_FILE = "job.json"
@@ -106,6 +106,13 @@ def _still_needed(units: list[WorkUnit], kept: list[WorkUnit], kept_bytes: int) 
     return f" (about {_megabytes(kept_bytes / read * left)} more)" if read else ""
 
 
+def remove_temporary(staging: Path) -> None:
+    """The files a unit or a record was being written to (a worker stopped mid-write leaves one)."""
+    if staging.is_dir() and not staging.is_symlink():
+        for leftover in staging.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
 def io_failure(error: OSError | UnitIOError, staging: Path, units: list[WorkUnit], itemsize: int) -> GQAConvertError:
     """Clean the staging folder after an OSError (temporary files out, finished units kept) and say so."""
     if isinstance(error, UnitIOError):
@@ -115,14 +122,17 @@ def io_failure(error: OSError | UnitIOError, staging: Path, units: list[WorkUnit
     if Path(path).parent == staging:  # a shard, record or temporary file: the folder says more
         path = str(staging)
     kept, kept_bytes = [], 0
+    remove_temporary(staging)
     if staging.is_dir() and not staging.is_symlink():
-        for leftover in staging.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
         for unit in units:
             record = finished_record(staging, unit.index, itemsize)
             if record is not None:
                 kept.append(unit)
                 kept_bytes += record["tokens"] * itemsize
+        finished = {shard_name(unit.index) for unit in kept}
+        for shard in staging.glob("shard-*.tokens"):  # a shard whose record was not written: redone
+            if shard.name not in finished:
+                shard.unlink(missing_ok=True)
     if kept:
         where = (
             f"the {len(kept)} finished units of {len(units)} ({_megabytes(kept_bytes)}) stay in {staging} and a rerun "
@@ -134,7 +144,8 @@ def io_failure(error: OSError | UnitIOError, staging: Path, units: list[WorkUnit
     if code in DISK_FULL_ERRNOS:
         fix = f"free space on the disk of {staging.parent}{_still_needed(units, kept, kept_bytes)}"
     elif code in _NOT_ALLOWED:
-        fix = f"make {path} {'readable' if action == 'read' else 'writable'}"
+        where_to = path if action == "read" or Path(path).exists() else str(Path(path).parent)
+        fix = f"make {where_to} {'readable' if action == 'read' else 'writable'}"
     else:
         fix = "check the disk"
     reason = os.strerror(code) if code else "input/output error"

@@ -67,8 +67,14 @@ def _check_utf8(file: Path) -> None:
             raise not_utf8(file, error.start) from None
 
 
+def _check_named(data: str | Path) -> None:
+    if not str(data).strip():  # Path("") would be the current directory
+        raise GQAConvertError("the data path is empty: give a file, a folder or a Hub dataset id")
+
+
 def check_data(data: str | Path) -> None:
     """A local path must exist (text files must start as UTF-8); anything else is a Hub dataset id."""
+    _check_named(data)
     path = Path(data)
     if not path.exists() and not is_hub_id(data):
         raise GQAConvertError(f"data not found: {data}")
@@ -81,8 +87,9 @@ def check_data(data: str | Path) -> None:
 def iter_documents(
     data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train"
 ) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces. A text file is one document, read in pieces of whole lines so a
-    large file never sits in memory; a row of a table is one document."""
+    """(text, ends_document) pieces. A text file is one document, read in pieces so a large file never
+    sits in memory at once; a row of a table is one document."""
+    _check_named(data)
     path = Path(data)
     if path.exists():
         for file in local_files(path):

@@ -31,7 +31,7 @@ from gqa_convert.data.manifest import (
 )
 from gqa_convert.data.manifest_schema import DamagedTokenFolder
 from gqa_convert.data.run_units import run_units
-from gqa_convert.data.staging import finalize, io_failure, staging_for, staging_of
+from gqa_convert.data.staging import finalize, io_failure, remove_temporary, staging_for, staging_of
 from gqa_convert.data.text import check_data
 from gqa_convert.data.units import (
     Columns,
@@ -178,6 +178,9 @@ def write_token_folder(
                 raise
             except GQAConvertError:
                 shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun with fixed data is another job
+                raise
+            except BaseException:  # interrupted: the finished units stay for a rerun, nothing half written
+                remove_temporary(staging)
                 raise
             finalize(staging, final, manifest)
     except (UnitIOError, OSError) as error:

@@ -163,8 +163,8 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= -1
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def finished_record(folder: Path, index: int, itemsize: int) -> dict[str, Any] | None:
@@ -178,7 +178,8 @@ def finished_record(folder: Path, index: int, itemsize: int) -> dict[str, Any] |
         return None
     if not isinstance(record, dict) or record.get("file") != shard_name(index):
         return None
-    if not all(_is_count(record.get(field)) for field in _RECORD_FIELDS) or record["tokens"] < 0:
+    least = {"max_token_id": -1}  # -1: an empty shard
+    if not all(_is_count(record.get(field), least.get(field, 0)) for field in _RECORD_FIELDS):
         return None
     if not stat.S_ISREG(shard.st_mode) or shard.st_size != record["tokens"] * itemsize:
         return None
