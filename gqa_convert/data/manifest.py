@@ -19,8 +19,8 @@ import numpy as np
 
 from gqa_convert import __version__
 from gqa_convert.data.manifest_schema import check_manifest, damaged, plain_file
-from gqa_convert.data.vocabulary import check_ids_fit, largest_token_id
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.vocabulary import check_ids_fit, largest_token_id
 
 MANIFEST = "manifest.json"
 FORMAT = "gqa-convert-tokens"

@@ -17,11 +17,11 @@ import torch
 from safetensors import safe_open
 
 from gqa_convert.arch import Architecture, architecture_for, check_head_counts, kv_heads_of
-from gqa_convert.data.vocabulary import check_tokenizer_fits
 from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.io.completeness import check_tensor_names
 from gqa_convert.io.gguf import gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
 from gqa_convert.io.safetensors_format import TensorInfo, copy_range
+from gqa_convert.io.vocabulary import check_tokenizer_fits
 from gqa_convert.io.weight_files import load_pickle, read_weight_headers
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -31,10 +31,10 @@ from gqa_convert.data.tokenize import (
     write_token_folder,
 )
 from gqa_convert.data.tokens import tokenize_head
-from gqa_convert.data.vocabulary import config_vocab_size
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import clear_output_folder
 from gqa_convert.io.sources import model_config
+from gqa_convert.io.vocabulary import config_vocab_size
 from gqa_convert.train.settings import TrainSettings
 
 POLL_S = 2.0
