@@ -93,7 +93,7 @@ def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | No
     config = model_config(model_path)
     check_seq_len(options.seq_len, config)
     text = read_text(data, options.text_column)
-    ids = tokenize_text(load_tokenizer(model_path), text, options.max_tokens)
+    ids = tokenize_text(load_tokenizer(model_path, check_vocab=True), text, options.max_tokens)
     transformers_logging.disable_progress_bar()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(options.dtype, config, device)

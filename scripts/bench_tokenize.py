@@ -33,7 +33,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "true"
 
 import numpy as np
 
-from gqa_convert.data.cuts import piece_cuts
+from gqa_convert.data.cuts import text_cuts
 from gqa_convert.data.tokenize import TokenizeOptions, tokenize
 from gqa_convert.data.units import available_cores
 
@@ -76,7 +76,7 @@ def pieces_of(corpus: Path) -> list[str]:
     texts = []
     for file in files:
         data = file.read_bytes()
-        bounds = [0, *piece_cuts(data, 0, len(data)), len(data)]
+        bounds = [0, *text_cuts(data), len(data)]
         texts += [data[a:b].decode() for a, b in zip(bounds, bounds[1:])]
     return texts
 

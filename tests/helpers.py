@@ -1,10 +1,12 @@
 """Helpers the test modules share: running the CLI (in this process or as a command), the one-line
-error check, folder snapshots, and tiny models that calibration can run on."""
+error check, folder snapshots, tiny models that calibration can run on, and the cut rules of
+gqa_convert.data.cuts written out independently (a brute-force reading of their definition)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -13,10 +15,11 @@ import transformers
 from typer.testing import CliRunner
 
 from gqa_convert.cli import app
+from gqa_convert.data import cuts
 from gqa_convert.surgery.options import PoolOptions
 from gqa_convert.surgery.recipes import RECIPES, Recipe
 
-from tiny_models import save_tiny_tokenizer, tiny_config
+from tiny_models import fit_vocabulary, save_tiny_tokenizer, tiny_config
 
 runner = CliRunner()
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -89,6 +92,7 @@ def build_calibratable(folder: Path, model_type: str, **overrides) -> transforme
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.1)
+    fit_vocabulary(model, folder, model_type)
     model.save_pretrained(folder)
     return model
 
@@ -130,3 +134,37 @@ def checkpoint_tensors(folder: Path, prefix: str = "model.causal_lm.") -> dict[s
             whole[place] = piece
         tensors[name.removeprefix(prefix)] = whole
     return tensors
+
+
+_WHITESPACE = set(b"\t\n\x0b\x0c\r ")
+_VISIBLE = re.compile(rb"[!-~\xc3-\xe0\xe4-\xf4]")
+
+
+def reference_cuts(data: bytes) -> set[int]:
+    """Every cut of a file holding `data`, position by position from the definition (slow: small
+    files, with the module's sizes made small)."""
+    piece, bound, lookback = cuts.PIECE_BYTES, cuts.BOUND, cuts.LOOKBACK
+
+    def boundary(p: int) -> bool:
+        return data[p] in _WHITESPACE and p + 1 < len(data) and _VISIBLE.match(data, p + 1) is not None
+
+    def breaks(p: int) -> int:
+        start = p
+        while start > 0 and data[start - 1] in _WHITESPACE:
+            start -= 1
+        return data.count(b"\n", max(start, p - lookback + 1), p + 1)
+
+    found = {p for p in range(len(data)) if boundary(p) and breaks(p) >= 2}
+    for target in range(piece, len(data), piece):
+        window = range(target, min(target + bound, len(data)))
+        line = next((p for p in window if boundary(p) and breaks(p) >= 1), None)
+        word = next((p for p in window if boundary(p)), None)
+        char = next((p for p in range(target, min(target + 4, len(data))) if not 0x80 <= data[p] < 0xC0), target)
+        found.add(line if line is not None else word if word is not None else char)
+    return {cut for cut in found if 0 < cut < len(data)}
+
+
+def partial_leftovers(folder: Path) -> list[str]:
+    """Names of work folders or temporary files left anywhere under `folder`."""
+    pattern = re.compile(r"\.(partial|old|tmp)$|\.tmp-|\.data-|\.dry-run-")
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if pattern.search(path.name))

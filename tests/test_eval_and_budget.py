@@ -113,7 +113,7 @@ def _uptrain(model, out, *extra):
     "case, expected",
     [
         ("missing", "data not found"),
-        ("empty", "holds 0 tokens"),
+        ("empty", "holds no text to tokenize"),
         ("column", "no column 'text'"),
         ("short", "fewer than one block"),
     ],

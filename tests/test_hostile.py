@@ -468,7 +468,7 @@ def test_an_output_beside_a_gguf_file_is_not_inside_it(tmp_path):
     guard_output(tmp_path / "out", inputs=[gguf])  # beside the file: allowed
     with pytest.raises(GQAConvertError, match="is the input"):
         guard_output(gguf, inputs=[gguf])
-    message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "could not be read as GGUF")
+    message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "GGUF version 0 is not supported")
     assert "inside the source" not in message
 
 

@@ -120,7 +120,8 @@ def test_parquet_row_groups_and_hub_shards(tokenizer_dir, tokenizer, tmp_path, m
         shards.append(tmp_path / f"hub-{i}.jsonl")
         shards[-1].write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[40 * i : 40 * i + 40]))
     stream = datasets.load_dataset("json", data_files=[str(s) for s in shards], split="train", streaming=True)
-    monkeypatch.setattr("gqa_convert.data.units.load_hub", lambda name, config, split: stream)
+    for module in ("units", "readers"):  # the planner and the reader
+        monkeypatch.setattr(f"gqa_convert.data.{module}.load_hub", lambda name, config, split: stream)
     result = tokenize("org/corpus", tmp_path / "hub", options(tokenizer_dir, num_proc=1))
     assert [shard["documents"] for shard in result["shards"]] == [40, 40, 40]
     assert shard_ids(tmp_path / "hub") == [t for text in texts for t in encode(tokenizer, text) + [eos]]

@@ -104,11 +104,22 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> transformers.Pre
     return fast
 
 
+def fit_vocabulary(model: transformers.PreTrainedModel, folder: Path, model_type: str) -> None:
+    """Grow the embeddings to every id of the tokenizer saved in `folder` as transformers loads it for
+    this model type: the type decides the tokenizer class, which may add tokens (qwen2's adds one), and
+    gqa-convert refuses a tokenizer larger than its model. The weights drawn before stay as they are."""
+    tiny_config(model_type).save_pretrained(folder)  # the model's own config.json replaces it
+    loaded = len(transformers.AutoTokenizer.from_pretrained(folder))
+    if loaded > model.config.vocab_size:
+        model.resize_token_embeddings(loaded, mean_resizing=False)
+
+
 def build_trainable(folder: Path, model_type: str = "llama", **overrides: object) -> transformers.PreTrainedModel:
     """A tiny model with its own tokenizer, at the init scale (std 0.02), ready to train."""
     tokenizer = save_tiny_tokenizer(folder)
     torch.manual_seed(0)
     config = tiny_config(model_type, vocab_size=len(tokenizer), max_position_embeddings=256, **overrides)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fit_vocabulary(model, folder, model_type)
     model.save_pretrained(folder)
     return model

@@ -44,7 +44,7 @@ class TextSource:
 
 def _text_windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
     check_data(data)
-    ids = tokenize_text(checkpoint.tokenizer(), read_text(data, text_column), max_tokens=tokens)
+    ids = tokenize_text(checkpoint.tokenizer(check_vocab=True), read_text(data, text_column), max_tokens=tokens)
     windows = len(ids) // seq_len
     if windows < 1 or windows * seq_len < min(tokens, 4 * seq_len):
         raise GQAConvertError(

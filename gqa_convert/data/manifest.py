@@ -18,11 +18,15 @@ from typing import Any
 import numpy as np
 
 from gqa_convert import __version__
+from gqa_convert.data.manifest_schema import check_manifest, damaged, plain_file
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.vocabulary import check_ids_fit, largest_token_id
 
 MANIFEST = "manifest.json"
 FORMAT = "gqa-convert-tokens"
 FORMAT_VERSION = 1
+MAX_MANIFEST_BYTES = 256 << 20  # a manifest lists shards: a few MB for the largest corpora
+_SCAN_TOKENS = 1 << 24
 
 
 def backend_json(tokenizer: Any) -> str:
@@ -53,7 +57,7 @@ def tokenizer_identity(tokenizer: Any, serialized: str | None = None) -> dict[st
 
 def token_dtype(tokenizer: Any) -> np.dtype:
     """uint16 when every id fits, else uint32."""
-    largest = max(max(tokenizer.get_vocab().values(), default=0), len(tokenizer) - 1)
+    largest = largest_token_id(tokenizer)
     return np.dtype(np.uint16 if largest <= np.iinfo(np.uint16).max else np.uint32)
 
 
@@ -78,6 +82,9 @@ def tokenizer_info(tokenizer: Any) -> TokenizerInfo:
 def build_manifest(
     shards: list[dict[str, Any]], tokenizer: dict[str, Any], dtype: str, source: dict[str, Any], **extra: Any
 ) -> dict[str, Any]:
+    """The manifest of shard records (file, tokens, documents and, from the workers, max_token_id)."""
+    largest = [shard["max_token_id"] for shard in shards if shard.get("max_token_id", -1) >= 0]
+    shards = [{key: shard[key] for key in ("file", "tokens", "documents")} for shard in shards]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,6 +93,7 @@ def build_manifest(
         "documents": sum(shard["documents"] for shard in shards),
         "dtype": dtype,
         "eos_token_id": tokenizer["eos_token_id"],
+        "max_token_id": max(largest, default=None),
         "tokenizer": tokenizer,
         "shards": shards,
         "source": source,
@@ -96,38 +104,86 @@ def build_manifest(
 def write_json_atomic(path: Path, value: Any) -> None:
     """Written under a temporary name and renamed: a reader sees the whole file or none."""
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(value, indent=1))
-    partial.replace(path)
+    try:
+        partial.write_text(json.dumps(value, indent=1))
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def _read_json(folder: Path) -> Any:
+    """manifest.json of a folder, parsed (one line saying what is wrong otherwise)."""
+    path = plain_file(folder, MANIFEST, "the manifest")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise damaged(folder, f"{MANIFEST} is larger than any manifest ({path.stat().st_size} bytes)")
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise damaged(folder, f"{MANIFEST} is not valid JSON: {str(error)[:80]}") from None
+    except OSError as error:
+        raise damaged(folder, f"{MANIFEST} cannot be read: {error.strerror}") from None
 
 
 def is_token_folder(data: str | Path) -> bool:
-    """A folder written by `gqa-convert tokenize` (it holds a manifest.json of this format)."""
-    path = Path(data) / MANIFEST
-    if not path.is_file():
+    """A folder written by `gqa-convert tokenize`: its manifest.json says so, or shard files lie there
+    beside a manifest.json that cannot be read or none (what is left of one: read_manifest says so)."""
+    folder = Path(data)
+    if not folder.is_dir():
         return False
+    if not (folder / MANIFEST).exists():
+        return _holds_shards(folder)
     try:
-        return json.loads(path.read_text()).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        manifest = _read_json(folder)
+    except GQAConvertError:
+        return _holds_shards(folder)
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _holds_shards(folder: Path) -> bool:
+    try:
+        return any(path.suffix == ".tokens" for path in folder.iterdir())
+    except OSError:
         return False
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    """The manifest of a token folder, checked against the shards it lists."""
+    """The manifest of a token folder, schema-checked against the folder (manifest_schema): every
+    reader of a token folder goes through here."""
     folder = Path(folder)
-    if not is_token_folder(folder):
+    if not folder.is_dir() or not (folder / MANIFEST).exists():
+        if folder.is_dir() and _holds_shards(folder):
+            raise damaged(folder, f"{MANIFEST} is missing")
         raise GQAConvertError(f"{folder} is not a token folder (no {MANIFEST}): make one with gqa-convert tokenize")
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = _read_json(folder)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise GQAConvertError(f"{folder} is not a token folder (its {MANIFEST} is not one gqa-convert tokenize wrote)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise GQAConvertError(
-            f"{folder} was written in token format {manifest.get('format_version')} (this version reads "
+            f"{folder} was written in token format {manifest.get('format_version')!r:.20} (this version reads "
             f"{FORMAT_VERSION}): tokenize the data again"
         )
-    itemsize = np.dtype(manifest["dtype"]).itemsize
+    return check_manifest(manifest, folder)
+
+
+def largest_id_in(folder: str | Path, manifest: dict[str, Any]) -> int:
+    """The largest token id of a token folder: from its manifest, or (a folder written before the
+    manifest recorded it) read from its shards, a bounded piece at a time."""
+    if manifest.get("max_token_id") is not None:
+        return manifest["max_token_id"]
+    largest = -1
     for shard in manifest["shards"]:
-        file = folder / shard["file"]
-        if not file.is_file() or file.stat().st_size != shard["tokens"] * itemsize:
-            raise GQAConvertError(f"{file} is missing or not the size its manifest says: tokenize the data again")
-    return manifest
+        if shard["tokens"]:
+            ids = np.memmap(Path(folder) / shard["file"], dtype=manifest["dtype"], mode="r")
+            for start in range(0, len(ids), _SCAN_TOKENS):
+                largest = max(largest, int(ids[start : start + _SCAN_TOKENS].max()))
+            del ids
+    return largest
+
+
+def check_token_ids(folder: str | Path, manifest: dict[str, Any], vocab_size: int | None, model: object) -> None:
+    """Refuse a token folder holding ids the model has no embedding for (before any forward pass)."""
+    check_ids_fit(largest_id_in(folder, manifest), vocab_size, folder, model)
 
 
 def check_tokenizer(manifest: dict[str, Any], tokenizer: Any, data: str, model: str) -> None:

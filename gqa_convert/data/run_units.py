@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,11 +20,13 @@ _POLL_S = 0.2
 @contextlib.contextmanager
 def _display(enabled: bool, units: int) -> Iterator[Callable[[int, int], None]]:
     """A callable show(tokens, units_done) that updates a progress line (or does nothing)."""
-    if not enabled:
-        yield lambda tokens, done: None
-        return
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not enabled or not console.is_terminal:  # elsewhere (a log file, a pipe) it would only add a blank line
+        yield lambda tokens, done: None
+        return
 
     columns = (
         TextColumn("tokenizing"),
@@ -33,7 +36,7 @@ def _display(enabled: bool, units: int) -> Iterator[Callable[[int, int], None]]:
         TimeElapsedColumn(),
     )
     started = time.perf_counter()
-    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+    with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("tokenize", total=units, tokens=0, rate=0.0)
 
         def show(tokens: int, done: int) -> None:
@@ -50,6 +53,23 @@ def _context() -> Any:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["gqa_convert.data.worker"])  # workers fork from a process that has it
     return context
+
+
+@contextlib.contextmanager
+def _without_main_module() -> Iterator[None]:
+    """Workers started meanwhile do not import the main module: for `gqa-convert` that is the whole
+    command line (torch, transformers), some 300 MB per worker that tokenizing never uses."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {name: vars(main)[name] for name in ("__file__", "__spec__") if name in vars(main)}
+    vars(main).pop("__file__", None)
+    main.__spec__ = None  # read by multiprocessing, which must find it
+    try:
+        yield
+    finally:
+        vars(main).update(saved)
 
 
 def run_units(
@@ -75,7 +95,9 @@ def run_units(
                 if enough():
                     return
             return
-        with context.Pool(processes, initializer=start_worker, initargs=(job, counter)) as pool:
+        with _without_main_module():
+            pool = context.Pool(processes, initializer=start_worker, initargs=(job, counter))
+        with pool:
             results = pool.imap(tokenize_unit, todo, chunksize=1)
             for done, unit in enumerate(todo):
                 records[unit.index] = _next_result(results, lambda done=done: show(counter.value, done))

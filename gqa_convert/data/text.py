@@ -1,25 +1,21 @@
 """Documents from local files (tables: .jsonl/.json/.parquet/.csv/.arrow; any other file is UTF-8
 text), folders of them, or a Hub dataset id, and text tokenized as one string (for perplexity and
-calibration)."""
+calibration). A row's text must be a string; an empty or null cell is an empty document, skipped."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from gqa_convert.data.files import TABLE_LOADERS, file_kind, local_files
 from gqa_convert.errors import GQAConvertError, one_line
 
-TABLE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 _HUB_DATASET = re.compile(r"^[A-Za-z0-9][\w-]*(/[A-Za-z0-9][\w.-]*)?$")
 _CHECKED_BYTES = 1 << 16  # the head of each text file is checked for UTF-8 before any work
-
-
-def file_kind(file: Path) -> str:
-    """'text', or the datasets loader of a table file."""
-    return TABLE_LOADERS.get(file.suffix.lower(), "text")
+_KINDS = ((bool, "true or false"), (int, "a number"), (float, "a number"), (list, "a list"), (dict, "an object"))
 
 
 def is_hub_id(data: str | Path) -> bool:
@@ -27,21 +23,28 @@ def is_hub_id(data: str | Path) -> bool:
     return not Path(data).exists() and bool(_HUB_DATASET.match(str(data))) and not Path(data).suffix
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
-def local_files(data: Path) -> list[Path]:
-    """The data files of a file or folder (hidden files skipped; one kind per folder)."""
-    if data.is_file():
-        return [data]
-    files = sorted(p for p in data.rglob("*") if p.is_file() and _visible(p, data))
-    if not files:
-        raise GQAConvertError(f"{data} holds no data files")
-    kinds = {file_kind(p) for p in files}
-    if len(kinds) > 1:
-        raise GQAConvertError(f"{data} mixes file types ({', '.join(sorted(kinds))}): keep one type per folder")
-    return files
+def document_text(value: Any, column: str, where: str | Callable[[], str]) -> str | None:
+    """The text of one row: a string; None for an empty or null cell (an empty document, skipped).
+    Anything else (a list, an object, a number, a string holding an unpaired surrogate escape) is
+    refused with one line naming the row (`where`, or a function that says it): its Python form is
+    never tokenized."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.isascii():
+            return value or None
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError as error:
+            kind = f"an unpaired surrogate escape at character {error.start}"
+    else:
+        kind = next((name for types, name in _KINDS if isinstance(value, types)), type(value).__name__)
+    place = where() if callable(where) else where
+    raise GQAConvertError(
+        f"{place}: column '{column}' holds {kind}, not text: pass --text-column with the column that holds "
+        "the text, or fix the row"
+    )
 
 
 def not_utf8(file: Path, byte: int | None = None) -> GQAConvertError:
@@ -52,8 +55,11 @@ def not_utf8(file: Path, byte: int | None = None) -> GQAConvertError:
 
 
 def _check_utf8(file: Path) -> None:
-    with open(file, "rb") as handle:
-        head = handle.read(_CHECKED_BYTES)
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(_CHECKED_BYTES)
+    except OSError as error:
+        raise GQAConvertError(f"cannot read {file} ({error.strerror}): make it readable") from None
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -61,8 +67,14 @@ def _check_utf8(file: Path) -> None:
             raise not_utf8(file, error.start) from None
 
 
+def _check_named(data: str | Path) -> None:
+    if not str(data).strip():  # Path("") would be the current directory
+        raise GQAConvertError("the data path is empty: give a file, a folder or a Hub dataset id")
+
+
 def check_data(data: str | Path) -> None:
     """A local path must exist (text files must start as UTF-8); anything else is a Hub dataset id."""
+    _check_named(data)
     path = Path(data)
     if not path.exists() and not is_hub_id(data):
         raise GQAConvertError(f"data not found: {data}")
@@ -75,8 +87,9 @@ def check_data(data: str | Path) -> None:
 def iter_documents(
     data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train"
 ) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces. A text file is one document, read in pieces of whole lines so a
-    large file never sits in memory; a row of a table is one document."""
+    """(text, ends_document) pieces. A text file is one document, read in pieces so a large file never
+    sits in memory at once; a row of a table is one document."""
+    _check_named(data)
     path = Path(data)
     if path.exists():
         for file in local_files(path):
@@ -91,17 +104,18 @@ def iter_documents(
 
 
 def _text_pieces(file: Path, piece_chars: int = 1 << 20) -> Iterator[tuple[str, bool]]:
-    """A text file as one document, in pieces of whole lines (a large file never sits in memory)."""
+    """A text file as one document, in pieces of piece_chars characters (read_text joins them again)."""
     try:
         with open(file, encoding="utf-8") as handle:
             piece = handle.read(piece_chars)
             while piece:
-                piece += handle.readline()  # end on a line break: no word is cut between pieces
                 following = handle.read(piece_chars)
                 yield piece, not following
                 piece = following
     except UnicodeDecodeError:
         raise not_utf8(file) from None
+    except OSError as error:
+        raise GQAConvertError(f"cannot read {file} ({error.strerror}): make it readable") from None
 
 
 def load_table(file: Path) -> Any:
@@ -142,14 +156,15 @@ def _rows(rows: Any, where: object) -> Iterator[Any]:
 
 
 def column_texts(rows: Any, text_column: str, where: object) -> Iterator[str]:
-    for row in _rows(rows, where):
+    """The texts of a table's rows, in order; empty and null cells skipped (see document_text)."""
+    for number, row in enumerate(_rows(rows, where), 1):
         if text_column not in row:
             raise GQAConvertError(
                 f"{where} has no column '{text_column}' (columns: {', '.join(row)}): pass --text-column"
             )
-        value = row[text_column]
-        if value:
-            yield str(value)
+        text = document_text(row[text_column], text_column, f"{where}, row {number}")
+        if text is not None:
+            yield text
 
 
 def read_text(data: str | Path, text_column: str = "text", data_config: str | None = None, split: str = "train") -> str:
@@ -167,9 +182,9 @@ def tokenize_text(tokenizer: Any, text: str, max_tokens: int | None = None):  # 
     """The text as one sequence of ids (no special tokens), at most max_tokens."""
     import torch
 
+    if max_tokens is not None and max_tokens < 2:
+        raise GQAConvertError(f"{max_tokens} token(s) asked for: at least 2 are needed (one to predict from)")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise GQAConvertError("the evaluation text has fewer than 2 tokens: give more text")
-    return torch.tensor(ids, dtype=torch.long)
+        raise GQAConvertError(f"the text gives {len(ids)} token(s), fewer than 2: give more text")
+    return torch.tensor(ids[:max_tokens] if max_tokens is not None else ids, dtype=torch.long)

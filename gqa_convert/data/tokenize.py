@@ -4,32 +4,34 @@ manifest) that `uptrain --data` reads directly.
 The work is done in a staging folder beside the target (`.NAME.partial`) and renamed at the end, so
 the target appears whole or not at all. Each unit's shard is written atomically with a record beside
 it; a run that is killed leaves its finished units, and a rerun of the same job (same data, tokenizer
-and settings) picks them up and finishes the rest. The manifest is written last.
+and settings) picks them up and finishes the rest. The manifest is written last. Bad data (a row
+that is not text, invalid UTF-8, a file changed while it is read, a corpus with no text at all) fails
+with one line and leaves nothing; an OSError keeps the finished units for a rerun (data.staging).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gqa_convert.data.cuts import PIECE_BYTES
+from gqa_convert.data.files import changed_error
 from gqa_convert.data.manifest import (
     FORMAT_VERSION,
-    MANIFEST,
     TokenizerInfo,
     build_manifest,
+    is_token_folder,
+    read_manifest,
     tokenizer_info,
-    write_json_atomic,
 )
+from gqa_convert.data.manifest_schema import DamagedTokenFolder
 from gqa_convert.data.run_units import run_units
+from gqa_convert.data.staging import finalize, io_failure, remove_temporary, staging_for, staging_of
 from gqa_convert.data.text import check_data
 from gqa_convert.data.units import (
     Columns,
@@ -37,17 +39,17 @@ from gqa_convert.data.units import (
     auto_unit_bytes,
     corpus_bytes,
     corpus_identity,
+    is_local,
     plan_units,
     source_signature,
 )
-from gqa_convert.data.worker import ShardJob, finished_record
+from gqa_convert.data.worker import ShardJob, UnitIOError, finished_record
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import guard_output
 from gqa_convert.io.sources import load_tokenizer
 from gqa_convert.options import Options, option
 from gqa_convert.units import parse_tokens
 
-JOB_FILE = "job.json"
 # texts on which the bare fast tokenizer must give the ids transformers gives (no Python-side steps)
 _PROBES = (
     "Hello world! It's 2024.",
@@ -112,60 +114,32 @@ def job_fingerprint(job: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def staging_of(final: Path) -> Path:
-    return final.parent / f".{final.name.lstrip('.')}.partial"
-
-
 def finished_manifest(final: Path, job: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest of `final` when it holds this very job, finished."""
-    path = final / MANIFEST
-    if not path.is_file():
+    """The manifest of `final` when it holds this very job, finished. A token folder there whose
+    manifest is damaged is refused with one line (it is not this job, nor safely replaceable)."""
+    if not is_token_folder(final):
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_manifest(final)
+    except DamagedTokenFolder as error:
+        raise GQAConvertError(
+            f"{final} holds a damaged token folder ({error.why}): delete it, then tokenize again"
+        ) from None
+    except GQAConvertError:
+        return None  # another format: the output checks decide
     return manifest if manifest.get("job") == job else None
 
 
-@contextlib.contextmanager
-def _staging_for(staging: Path, job: dict[str, Any], force: bool) -> Iterator[None]:
-    """The staging folder, locked against a second run: fresh, or the one an interrupted run of the
-    same job left (resumed). Another job's unfinished folder is cleared only with force."""
-    if staging.exists() and not (staging / JOB_FILE).is_file() and any(p.name != ".lock" for p in staging.iterdir()):
-        raise GQAConvertError(f"{staging} exists and was not written by gqa-convert tokenize: move it away")
-    staging.mkdir(parents=True, exist_ok=True)
-    with open(staging / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GQAConvertError(f"another tokenization is writing {staging}: wait for it to end") from None
-        job_file = staging / JOB_FILE
-        if job_file.is_file() and json.loads(job_file.read_text()) != job:
-            if not force:
-                raise GQAConvertError(
-                    f"{staging} holds an unfinished tokenization of other data or settings: pass --force to start again"
-                )
-            for path in staging.iterdir():
-                if path.name != ".lock":
-                    path.unlink()
-        write_json_atomic(job_file, job)
-        yield
-
-
-def _finalize(staging: Path, final: Path, manifest: dict[str, Any]) -> None:
-    """Keep only the listed shards, write the manifest last, and rename the folder into place."""
-    kept = {record["file"] for record in manifest["shards"]}
-    for path in staging.iterdir():
-        if path.name != MANIFEST and path.name not in kept:
-            path.unlink()
-    write_json_atomic(staging / MANIFEST, manifest)
-    if final.exists():  # replaced (the caller checked it may be)
-        trash = final.parent / f".{final.name.lstrip('.')}.old"
-        shutil.rmtree(trash, ignore_errors=True)
-        final.rename(trash)
-        staging.rename(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
+def _changed_file(data: str, job: dict[str, Any], columns: Columns) -> str | None:
+    """A file of the corpus that is not as it was when the job was described (local data)."""
+    if not is_local(data):
+        return None
+    now = corpus_identity(data, columns)
+    if now == job["source"]:
+        return None
+    before = {file["path"]: file for file in job["source"].get("files", [])}
+    changed = [file["path"] for file in now.get("files", []) if before.pop(file["path"], None) != file]
+    return next(iter(changed + list(before)), data)
 
 
 def _prefix(units: list[WorkUnit], records: dict[int, dict], max_tokens: int | None) -> list[WorkUnit] | None:
@@ -191,29 +165,52 @@ def write_token_folder(
     job = job or describe_job(data, info, options)
     units = plan_units(data, options.columns, job["unit_bytes"])
     check_backend_matches(info)
-    staging = staging_of(final)
-    with _staging_for(staging, job, options.force):
-        try:
-            records = {u.index: r for u in units if (r := finished_record(staging, u.index, info.dtype.itemsize))}
+    staging, itemsize = staging_of(final), info.dtype.itemsize
+    try:
+        with staging_for(staging, job, options.force):
+            records = {u.index: r for u in units if (r := finished_record(staging, u.index, itemsize))}
             resumed = len(records)
-            shard_job = ShardJob(
-                str(staging), info.serialized, info.identity["eos_token_id"], info.dtype.name, options.columns
-            )
-            todo = [unit for unit in units if unit.index not in records]
-            enough = lambda: _prefix(units, records, options.max_tokens) is not None  # noqa: E731
-            run_units(todo, shard_job, records, options.num_proc, options.progress, enough)
-        except GQAConvertError:
-            shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun with fixed data is another job
-            raise
-        listed = _prefix(units, records, options.max_tokens)
-        assert listed is not None, "every unit of the listed run is done"
-        source = {**source_signature(data, options.columns), "units": len(units), "units_used": len(listed)}
-        shards = [records[unit.index] for unit in listed]
-        manifest = build_manifest(
-            shards, info.identity, info.dtype.name, source, max_tokens=options.max_tokens, job=job
-        )
-        _finalize(staging, final, manifest)
+            try:
+                manifest = _tokenize_units(data, units, records, staging, info, options, job)
+            except (UnitIOError, OSError):
+                raise
+            except GQAConvertError:
+                shutil.rmtree(staging, ignore_errors=True)  # bad input: a rerun with fixed data is another job
+                raise
+            except BaseException:  # interrupted: the finished units stay for a rerun, nothing half written
+                remove_temporary(staging)
+                raise
+            finalize(staging, final, manifest)
+    except (UnitIOError, OSError) as error:
+        raise io_failure(error, staging, units, itemsize) from None
     return {**manifest, "seconds": round(time.perf_counter() - started, 3), "resumed_units": resumed}
+
+
+def _tokenize_units(
+    data: str,
+    units: list[WorkUnit],
+    records: dict[int, dict[str, Any]],
+    staging: Path,
+    info: TokenizerInfo,
+    options: TokenizeOptions,
+    job: dict[str, Any],
+) -> dict[str, Any]:
+    """Tokenize the units not done yet, check what came out, and return the manifest to write."""
+    shard_job = ShardJob(str(staging), info.serialized, info.identity["eos_token_id"], info.dtype.name, options.columns)
+    todo = [unit for unit in units if unit.index not in records]
+    enough = lambda: _prefix(units, records, options.max_tokens) is not None  # noqa: E731
+    run_units(todo, shard_job, records, options.num_proc, options.progress, enough)
+    changed = _changed_file(data, job, options.columns)
+    if changed is not None:
+        raise changed_error(changed)
+    listed = _prefix(units, records, options.max_tokens)
+    assert listed is not None, "every unit of the listed run is done"
+    source = {**source_signature(data, options.columns), "units": len(units), "units_used": len(listed)}
+    shards = [records[unit.index] for unit in listed]
+    manifest = build_manifest(shards, info.identity, info.dtype.name, source, max_tokens=options.max_tokens, job=job)
+    if manifest["tokens"] == 0:
+        raise GQAConvertError(f"{data} holds no text to tokenize (every file or row is empty): give a corpus with text")
+    return manifest
 
 
 def _check_paths(data: str, out: Path, options: TokenizeOptions) -> None:

@@ -19,18 +19,23 @@ from typing import Any
 import numpy as np
 
 from gqa_convert.data.manifest import TokenizerInfo, build_manifest, read_manifest, write_json_atomic
+from gqa_convert.data.manifest_schema import damaged
 from gqa_convert.data.permutation import BlockOrder
-from gqa_convert.data.units import MIN_UNIT_BYTES, Columns, plan_units, source_signature, unit_documents
+from gqa_convert.data.readers import unit_documents
+from gqa_convert.data.units import MIN_UNIT_BYTES, Columns, plan_units, source_signature
 from gqa_convert.data.worker import encode_documents, shard_name
+from gqa_convert.errors import GQAConvertError, is_disk_full
 
 OPEN_SHARDS = 64  # memory maps kept open (each holds a file descriptor)
 
 
 class TokenStream:
-    """The ids of a token folder as one sequence; shards are mapped on first use."""
+    """The ids of a token folder as one sequence; shards are mapped on first use. Given vocab_size,
+    every read is checked against it (a shard altered after its manifest was written)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, vocab_size: int | None = None) -> None:
         self.folder = Path(folder)
+        self.vocab_size = vocab_size
         manifest = read_manifest(self.folder)
         self.dtype = np.dtype(manifest["dtype"])
         self.files = [shard["file"] for shard in manifest["shards"] if shard["tokens"]]
@@ -63,14 +68,17 @@ class TokenStream:
             parts.append(self._shard(shard)[offset : offset + take])
             position += take
             shard += 1
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        if self.vocab_size is not None and len(ids) and (largest := int(ids.max())) >= self.vocab_size:
+            raise damaged(self.folder, f"token id {largest} in tokens [{start}, {end}) is past the vocabulary size")
+        return ids
 
 
 class TokenBlocks:
     """A token stream read as blocks of seq_len tokens; the tail shorter than a block is unused."""
 
-    def __init__(self, folder: str | Path, seq_len: int, seed: int) -> None:
-        self.stream = TokenStream(folder)
+    def __init__(self, folder: str | Path, seq_len: int, seed: int, vocab_size: int | None = None) -> None:
+        self.stream = TokenStream(folder, vocab_size)
         self.seq_len = seq_len
         self.num_blocks = len(self.stream) // seq_len
         self.order = BlockOrder(self.num_blocks, seed)
@@ -99,33 +107,52 @@ def tokenize_head(
     data: str, columns: Columns, info: TokenizerInfo, folder: Path, max_tokens: int, job: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The first max_tokens tokens of a corpus, tokenized in this process into a one-shard token
-    folder (written beside `folder` and renamed; `job` recorded in its manifest). Returns the manifest."""
+    folder (written beside `folder` and renamed; `job` recorded in its manifest). Returns the manifest.
+    Nothing is left behind on any failure; an OSError is one line."""
+    partial = folder.parent / f".{folder.name.lstrip('.')}.partial"
+    try:
+        _write_head(data, columns, info, partial, max_tokens, job)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        writing = error.filename is None or Path(error.filename).parent == partial
+        action, path = ("write", folder) if writing else ("read", error.filename)
+        fix = "free space" if is_disk_full(error) else f"make {path} {'writable' if writing else 'readable'}"
+        raise GQAConvertError(
+            f"cannot {action} {path} ({error.strerror or 'input/output error'}); nothing was kept: {fix} and run again"
+        ) from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return read_manifest(folder)
+
+
+def _write_head(
+    data: str, columns: Columns, info: TokenizerInfo, partial: Path, max_tokens: int, job: dict[str, Any] | None
+) -> None:
     from tokenizers import Tokenizer
 
     bare = Tokenizer.from_str(info.serialized)
     encode = getattr(bare, "encode_batch_fast", bare.encode_batch)
     eos, dtype = info.identity["eos_token_id"], info.dtype.name
-    partial = folder.parent / f".{folder.name.lstrip('.')}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     count = documents = 0
-    try:
-        with open(partial / shard_name(0), "wb") as handle:
-            for text, ends in _documents(data, columns):
-                ids = encode_documents(encode, [text], [ends], eos, dtype)[: max_tokens - count]
-                handle.write(ids.tobytes())
-                count, documents = count + len(ids), documents + ends
-                if count >= max_tokens:
-                    break
-        shards = [{"file": shard_name(0), "tokens": count, "documents": documents}]
-        source = source_signature(data, columns)
-        write_json_atomic(
-            partial / "manifest.json",
-            build_manifest(shards, info.identity, dtype, source, max_tokens=max_tokens, head=True, job=job),
-        )
-        shutil.rmtree(folder, ignore_errors=True)
-        partial.rename(folder)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    return read_manifest(folder)
+    largest = -1
+    with open(partial / shard_name(0), "wb") as handle:
+        for text, ends in _documents(data, columns):
+            ids = encode_documents(encode, [text], [ends], eos, dtype)[: max_tokens - count]
+            handle.write(ids.tobytes())
+            count, documents = count + len(ids), documents + ends
+            largest = max(largest, int(ids.max())) if len(ids) else largest
+            if count >= max_tokens:
+                break
+    if count == 0:
+        raise GQAConvertError(f"{data} holds no text to tokenize (every file or row is empty): give a corpus with text")
+    shards = [{"file": shard_name(0), "tokens": count, "documents": documents, "max_token_id": largest}]
+    source = source_signature(data, columns)
+    write_json_atomic(
+        partial / "manifest.json",
+        build_manifest(shards, info.identity, dtype, source, max_tokens=max_tokens, head=True, job=job),
+    )

@@ -1,6 +1,8 @@
 """A tokenizing worker: it turns one work unit into one shard (flat token ids, each document followed
 by EOS), written under a temporary name and renamed, then a small record beside it that marks the unit
-done. The fast tokenizer is rebuilt from its JSON in each worker and encodes batches of pieces.
+done. The fast tokenizer is rebuilt from its JSON in each worker and encodes batches of pieces. An
+OSError while reading or writing becomes a UnitIOError (picklable, naming the path) and the unit's
+temporary file is removed: the caller decides what to keep.
 
 Kept light on purpose (numpy and tokenizers only): worker processes start from this module.
 """
@@ -11,6 +13,7 @@ import ctypes
 import json
 import os
 import signal
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from gqa_convert.data.units import Columns, WorkUnit, unit_documents
+from gqa_convert.data.readers import unit_documents
+from gqa_convert.data.units import Columns, WorkUnit
+from gqa_convert.errors import GQAConvertError
 
 BATCH_CHARS = 1 << 20  # text encoded per call of the tokenizer
 BATCH_DOCUMENTS = 512
@@ -36,6 +41,19 @@ class ShardJob:
 
 
 _WORKER: dict[str, Any] = {}  # this process's tokenizer, job and progress counter
+_RECORD_FIELDS = ("tokens", "documents", "max_token_id")
+
+
+class UnitIOError(GQAConvertError):
+    """An OSError met while a unit was read or written: the path, the errno and which of the two."""
+
+    def __init__(self, path: str, errno_value: int | None, action: str) -> None:
+        super().__init__(path, errno_value, action)
+        self.path, self.errno_value, self.action = path, errno_value, action
+
+    def __str__(self) -> str:
+        reason = os.strerror(self.errno_value) if self.errno_value else "input/output error"
+        return f"cannot {self.action} {self.path} ({reason})"
 
 
 def shard_name(index: int) -> str:
@@ -92,24 +110,50 @@ def encode_documents(encode: Any, texts: list[str], ends: list[bool], eos: int, 
     return np.array(ids, dtype=dtype)
 
 
+def _read(unit: WorkUnit, columns: Columns) -> Iterator[tuple[str, bool]]:
+    documents = unit_documents(unit, columns)
+    while True:
+        try:
+            piece = next(documents)
+        except StopIteration:
+            return
+        except OSError as error:
+            raise UnitIOError(str(error.filename or unit.source), error.errno, "read") from None
+        yield piece
+
+
+def _write_shard(unit: WorkUnit, job: ShardJob, partial: Path) -> dict[str, int]:
+    counts = dict.fromkeys(_RECORD_FIELDS, 0)
+    counts["max_token_id"] = -1  # none yet
+    with open(partial, "wb") as handle:
+        for texts, ends in _batches(_read(unit, job.columns)):
+            ids = encode_documents(_WORKER["encode"], texts, ends, job.eos, job.dtype)
+            handle.write(ids.tobytes())
+            counts["tokens"] += len(ids)
+            counts["documents"] += sum(ends)
+            if len(ids):
+                counts["max_token_id"] = max(counts["max_token_id"], int(ids.max()))
+            with _WORKER["counter"].get_lock():
+                _WORKER["counter"].value += len(ids)
+    return counts
+
+
 def tokenize_unit(unit: WorkUnit) -> dict[str, Any]:
-    """Tokenize one unit into its shard; returns its record (file, tokens, documents)."""
+    """Tokenize one unit into its shard; returns its record (file, tokens, documents, max_token_id)."""
     job: ShardJob = _WORKER["job"]
     folder = Path(job.folder)
     final = folder / shard_name(unit.index)
     partial = folder / f".{final.name}.{os.getpid()}.tmp"
-    tokens = documents = 0
-    with open(partial, "wb") as handle:
-        for texts, ends in _batches(unit_documents(unit, job.columns)):
-            ids = encode_documents(_WORKER["encode"], texts, ends, job.eos, job.dtype)
-            handle.write(ids.tobytes())
-            tokens += len(ids)
-            documents += sum(ends)
-            with _WORKER["counter"].get_lock():
-                _WORKER["counter"].value += len(ids)
-    partial.replace(final)
-    record = {"file": final.name, "tokens": tokens, "documents": documents}
-    _write_record(record_path(folder, unit.index), record)
+    try:
+        record = {"file": final.name, **_write_shard(unit, job, partial)}
+        partial.replace(final)
+        _write_record(record_path(folder, unit.index), record)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise UnitIOError(str(error.filename or partial), error.errno, "write") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return record
 
 
@@ -119,13 +163,24 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
     partial.replace(path)
 
 
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def finished_record(folder: Path, index: int, itemsize: int) -> dict[str, Any] | None:
-    """The record of a unit finished by an earlier run, if its shard is whole."""
+    """The record of a unit finished by an earlier run, if it is well formed and its shard is whole;
+    None otherwise (the unit is tokenized again)."""
     path = record_path(folder, index)
-    if not path.is_file():
+    try:
+        record = json.loads(path.read_bytes()[:4096])
+        shard = os.lstat(folder / shard_name(index))
+    except (OSError, ValueError):
         return None
-    record = json.loads(path.read_text())
-    shard = folder / record["file"]
-    if not shard.is_file() or shard.stat().st_size != record["tokens"] * itemsize:
+    if not isinstance(record, dict) or record.get("file") != shard_name(index):
+        return None
+    least = {"max_token_id": -1}  # -1: an empty shard
+    if not all(_is_count(record.get(field), least.get(field, 0)) for field in _RECORD_FIELDS):
+        return None
+    if not stat.S_ISREG(shard.st_mode) or shard.st_size != record["tokens"] * itemsize:
         return None
     return record

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gqa_convert.errors import GQAConvertError
+from gqa_convert.io.gguf_header import read_gguf_header
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -23,8 +24,10 @@ def _require_gguf() -> None:
 
 
 def gguf_config(path: Path) -> Any:
-    """The transformers config transformers derives from the GGUF metadata."""
+    """The transformers config transformers derives from the GGUF metadata, once the header is read
+    and every tensor's data lies within the file (a truncated download is refused in one line)."""
     _require_gguf()
+    read_gguf_header(path)
     from transformers import AutoConfig
 
     try:
@@ -38,6 +41,7 @@ def load_gguf_model(path: Path, config: Any = None, dtype: torch.dtype = torch.f
     from transformers import AutoModelForCausalLM, GgufConfig
 
     config = config if config is not None else gguf_config(path)
+    read_gguf_header(path)  # the file may have changed since its config was read
     try:
         return AutoModelForCausalLM.from_pretrained(
             path.parent,

@@ -64,13 +64,41 @@ def _read_value(data: Any, offset: int, value_type: int) -> tuple[Any, int]:
     return struct.unpack_from(fmt, data, offset)[0], offset + struct.calcsize(fmt)
 
 
+def _tensor_bytes(dims: tuple[int, ...], ggml_type: int) -> int:
+    """The bytes of a tensor's data (0 where the type is unknown: only its start is then checked)."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ImportError, ValueError, KeyError):
+        return 0
+    elements = 1
+    for dim in dims:
+        elements *= dim
+    return -(-elements // block) * size
+
+
+def _check_data_within(path: Path, file_size: int, data_start: int, tensors: list[tuple[Any, ...]]) -> None:
+    """Every tensor's data must lie within the file: a download cut short is refused, not described."""
+    for name, dims, ggml_type, tensor_offset in tensors:
+        end = data_start + tensor_offset + max(_tensor_bytes(dims, ggml_type), 1)
+        if end > file_size:
+            raise GQAConvertError(
+                f"{path} is truncated: tensor {name} ends at byte {end:,} but the file has {file_size:,} bytes; "
+                "re-download it"
+            )
+
+
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int]]]:
-    """(metadata, [(tensor name, shape as GGUF stores it, ggml type id)])."""
-    with open(path, "rb") as handle:
-        try:
+    """(metadata, [(tensor name, shape as GGUF stores it, ggml type id)]), once every tensor's data is
+    known to lie within the file."""
+    try:
+        with open(path, "rb") as handle:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError:
-            raise GQAConvertError(f"{path} is empty: re-download it") from None
+    except ValueError:
+        raise GQAConvertError(f"{path} is empty: re-download it") from None
+    except OSError as error:
+        raise GQAConvertError(f"cannot read {path} ({error.strerror}): make it readable") from None
     try:
         if data[:4] != b"GGUF":
             raise GQAConvertError(f"{path} is not a GGUF file (bad magic); re-download it")
@@ -88,14 +116,18 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], list[tuple[str, tuple[
             name, offset = _read_string(data, offset)
             (n_dims,) = struct.unpack_from("<I", data, offset)
             dims = struct.unpack_from(f"<{n_dims}Q", data, offset + 4)
-            (ggml_type,) = struct.unpack_from("<I", data, offset + 4 + 8 * n_dims)
-            tensors.append((name, tuple(dims), ggml_type))
+            ggml_type, tensor_offset = struct.unpack_from("<IQ", data, offset + 4 + 8 * n_dims)
+            tensors.append((name, tuple(dims), ggml_type, tensor_offset))
             offset += 4 + 8 * n_dims + 12
-    except (struct.error, KeyError):
+        alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1:
+            raise struct.error("bad alignment")
+        _check_data_within(path, len(data), -(-offset // alignment) * alignment, tensors)
+    except (struct.error, KeyError, OverflowError, MemoryError):
         raise GQAConvertError(f"{path} has a truncated or corrupt GGUF header; re-download it") from None
     finally:
         data.close()
-    return metadata, tensors
+    return metadata, [(name, dims, ggml_type) for name, dims, ggml_type, _ in tensors]
 
 
 def _type_name(ggml_type: int) -> str:

@@ -21,6 +21,7 @@ from gqa_convert.errors import GQAConvertError, one_line
 from gqa_convert.io.completeness import check_tensor_names
 from gqa_convert.io.gguf import gguf_config, gguf_tokenizer, is_gguf, load_gguf_model
 from gqa_convert.io.safetensors_format import TensorInfo, copy_range
+from gqa_convert.io.vocabulary import check_tokenizer_fits
 from gqa_convert.io.weight_files import load_pickle, read_weight_headers
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,11 +70,16 @@ class Checkpoint:
     def kv_heads(self) -> int:
         return kv_heads_of(self.config, self.architecture)
 
-    def tokenizer(self) -> Any:
-        """The source's tokenizer (from the folder or the GGUF metadata)."""
+    def tokenizer(self, check_vocab: bool = False) -> Any:
+        """The source's tokenizer (from the folder or the GGUF metadata); with check_vocab (its ids
+        will enter the model), refused when its ids can reach config.vocab_size."""
         if self.gguf_file is not None:
-            return gguf_tokenizer(Path(self.gguf_file))
-        return load_tokenizer(self.folder)
+            tokenizer = gguf_tokenizer(Path(self.gguf_file))
+        else:
+            tokenizer = load_tokenizer(self.folder)
+        if check_vocab:
+            check_tokenizer_fits(tokenizer, self.config, self.source)
+        return tokenizer
 
     def layer_tensors(self) -> Iterator[tuple[str, int | None, str]]:
         """(name, layer index or None, suffix within the layer) for every tensor, in storage order."""
@@ -174,11 +180,25 @@ def load_causal_lm(source: str | Path, dtype: torch.dtype = torch.float32) -> An
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
-def load_tokenizer(source: str | Path | None) -> Any:
-    """The tokenizer saved with a model folder (or a .gguf file's), or an error naming the fix."""
-    path = Path(str(source))
+def load_tokenizer(source: str | Path | None, check_vocab: bool = False) -> Any:
+    """The tokenizer saved with a model folder (or a .gguf file's), or an error naming the fix. With
+    check_vocab (its ids will enter that model), refused when its ids can reach config.vocab_size."""
+    tokenizer = _tokenizer_of(Path(str(source)))
+    if check_vocab:
+        check_tokenizer_fits(tokenizer, model_config(str(source)), source)
+    return tokenizer
+
+
+def _tokenizer_of(path: Path) -> Any:
     if is_gguf(path):
         return gguf_tokenizer(path)
+    if not path.exists():
+        if not _HUB_ID.match(str(path)) or str(path).startswith((".", "/")):
+            raise GQAConvertError(f"tokenizer not found: {path} does not exist (give a model folder or a .gguf file)")
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise GQAConvertError(f"'{path}' is not a local path and HF_HUB_OFFLINE is set: download it first")
+    elif not path.is_dir():
+        raise GQAConvertError(f"{path} is a file: give the model folder that holds the tokenizer, or a .gguf file")
     if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise GQAConvertError(
             f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES[:2])}): save the tokenizer with the model "

@@ -23,7 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from gqa_convert.data.manifest import MANIFEST, TokenizerInfo, check_tokenizer, is_token_folder, read_manifest
+from gqa_convert.data.manifest import (
+    MANIFEST,
+    TokenizerInfo,
+    check_token_ids,
+    check_tokenizer,
+    is_token_folder,
+    read_manifest,
+)
 from gqa_convert.data.tokenize import (
     TokenizeOptions,
     describe_job,
@@ -39,29 +46,6 @@ from gqa_convert.train.settings import TrainSettings
 
 POLL_S = 2.0
 _RAW_ONLY = {"text_column": "text", "data_config": None, "split": "train"}  # settings of raw data only
-
-
-# ---- vocabulary ----
-def check_tokenizer_fits(tokenizer: Any, vocab_size: int, model: str) -> None:
-    """Refuse a tokenizer that can give ids the model has no embedding for."""
-    largest = max(max(tokenizer.get_vocab().values(), default=0), len(tokenizer) - 1)
-    if largest >= vocab_size:
-        raise GQAConvertError(
-            f"the tokenizer of {model} gives ids up to {largest}, but its config.vocab_size is {vocab_size}: ids "
-            f"from {vocab_size} on have no embedding; save the model's own tokenizer with it, or resize the "
-            "embeddings (model.resize_token_embeddings(len(tokenizer))) and save again"
-        )
-
-
-def check_token_ids(manifest: dict[str, Any], vocab_size: int, data: str, model: str) -> None:
-    """A token folder's largest id (recorded in its manifest) must be below the model's vocabulary. A
-    folder that does not record it was made by the model's tokenizer (checked), and each batch is checked."""
-    largest = manifest.get("max_token_id")
-    if isinstance(largest, int) and not isinstance(largest, bool) and largest >= vocab_size:
-        raise GQAConvertError(
-            f"{data} holds token id {largest}, but {model} has {vocab_size} ids (config.vocab_size): "
-            f"tokenize the data again with --tokenizer {model}"
-        )
 
 
 class Batches:
@@ -134,7 +118,7 @@ def plan_data(
             warnings.warn(f"{', '.join(ignored)} ignored: {data} is already tokenized", stacklevel=2)
         manifest = read_manifest(data)
         check_tokenizer(manifest, info.tokenizer, data, settings.model)
-        check_token_ids(manifest, vocab_size, data, settings.model)
+        check_token_ids(data, manifest, vocab_size, settings.model)
         folder = Path(data).resolve()
         if settings.force and out in folder.parents:
             raise GQAConvertError(f"{data} is inside {out}, which --force replaces: move it out of {out} first")

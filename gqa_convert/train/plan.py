@@ -28,7 +28,7 @@ from gqa_convert.io.sources import check_model_folder, load_tokenizer, model_con
 from gqa_convert.train.accelerate_yaml import AccelerateConfig, read_accelerate_config
 from gqa_convert.train.checkpoint import newest_intact
 from gqa_convert.train.checkpoint.contract import check_compatible, model_identity, run_identity
-from gqa_convert.train.data import check_tokenizer_fits, prepare_data
+from gqa_convert.train.data import prepare_data
 from gqa_convert.train.settings import TrainSettings
 from gqa_convert.train.strategies import resolve_strategy
 
@@ -115,8 +115,7 @@ def prepare(settings: TrainSettings, held: contextlib.ExitStack | None = None) -
     accum = resolve_grad_accum(settings, world)
     step_tokens = settings.micro_batch_size * accum * world * settings.seq_len
     steps, origin = resolve_budget(settings, step_tokens)
-    info = tokenizer_info(load_tokenizer(settings.model))
-    check_tokenizer_fits(info.tokenizer, config.vocab_size, settings.model)
+    info = tokenizer_info(load_tokenizer(settings.model, check_vocab=True))
     facts = dict(
         model=model_identity(config, info.identity["fingerprint"]),
         teacher=model_identity(model_config(settings.teacher)) if settings.teacher else None,
