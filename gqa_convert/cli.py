@@ -24,8 +24,9 @@ from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
 from gqa_convert.data.tokenize import TokenizeOptions
 from gqa_convert.data.tokenize import tokenize as run_tokenize
 from gqa_convert.errors import GQAConvertError, one_line
-from gqa_convert.evaluate import EVAL_DTYPES, EvalOptions
-from gqa_convert.evaluate import evaluate as run_evaluate
+from gqa_convert.evaluation import EVAL_DTYPES, EvalOptions, TaskEvalOptions, evaluate_tasks, format_scores
+from gqa_convert.evaluation import evaluate as run_evaluate
+from gqa_convert.evaluation.tasks import INSTALL_HINT, LOCAL_TASK_NAMES
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
 from gqa_convert.surgery.calibration.settings import KEY_MERGES, OUTPUT_RIDGES, REFINE_TARGETS, VALUE_MOMENTS
 from gqa_convert.surgery.convert import expand as run_expand
@@ -369,19 +370,54 @@ def tokenize(
 @_user_errors
 def evaluate(
     model: str = typer.Argument(..., help="a transformers folder or a .gguf file"),
-    data: str = typer.Option(..., help="a text file (or table file / folder with --text-column)"),
+    data: Optional[str] = typer.Option(
+        None, help="perplexity on a text file (or table file / folder with --text-column)"
+    ),
+    tasks: Optional[str] = typer.Option(
+        None,
+        help=f"lm-eval task names, comma-separated ({INSTALL_HINT}); shipped, offline: {','.join(LOCAL_TASK_NAMES)}",
+    ),
+    include_path: Optional[list[Path]] = typer.Option(None, help="with --tasks: a folder of lm-eval task YAML files"),
+    baseline: Optional[str] = typer.Option(None, help="with --tasks: the source model, scored too, with retention (%)"),
+    limit: Optional[int] = typer.Option(None, help="with --tasks: only the first N examples of each task"),
+    num_fewshot: Optional[int] = typer.Option(None, help="with --tasks: examples per prompt (default: the task's)"),
     seq_len: int = typer.Option(2048, help="window length"),
     max_tokens: Optional[int] = typer.Option(None, help="use only the first N tokens"),
     text_column: str = typer.Option("text", help="text column of table data"),
-    batch_size: int = typer.Option(4, help="windows per forward"),
+    batch_size: int = typer.Option(4, help="windows (or task requests) per forward"),
     dtype: EvalDType = typer.Option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
-    """Perplexity over non-overlapping windows of the text tokenized as one string."""
+    """Perplexity over non-overlapping windows of the text tokenized as one string (--data), or accuracy
+    on lm-eval tasks (--tasks), optionally side by side with the source model (--baseline)."""
+    if (data is None) == (tasks is None):
+        raise GQAConvertError("give --data TEXT (perplexity) or --tasks NAMES (lm-eval tasks), one of them")
+    flags = {
+        "--seq-len": seq_len != 2048,
+        "--max-tokens": max_tokens is not None,
+        "--text-column": text_column != "text",
+    }
+    if data is not None:
+        flags = {"--include-path": bool(include_path), "--baseline": baseline is not None, "--limit": limit is not None}
+        flags["--num-fewshot"] = num_fewshot is not None
+    for flag in (flag for flag, given in flags.items() if given):
+        warnings.warn(f"{flag} is ignored with {'--data' if data else '--tasks'}", stacklevel=1)
+    _quiet_libraries()
+    if tasks is not None:
+        task_options = TaskEvalOptions(
+            tasks=tasks,
+            include_path=tuple(include_path or ()),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            batch_size=batch_size,
+            dtype=dtype.value,
+        )
+        scores = evaluate_tasks(model, task_options, baseline)
+        typer.echo(json.dumps(scores) if as_json else format_scores(scores))
+        return
     options = EvalOptions(
         seq_len=seq_len, max_tokens=max_tokens, text_column=text_column, batch_size=batch_size, dtype=dtype.value
     )
-    _quiet_libraries()
     result = run_evaluate(model, data, options)
     if as_json:
         typer.echo(json.dumps(result))

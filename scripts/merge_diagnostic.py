@@ -21,7 +21,7 @@ import torch
 
 from gqa_convert.arch import head_dim_of
 from gqa_convert.data.text import tokenize_text
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.io.sources import open_checkpoint
 from gqa_convert.surgery.calibration.activations import calibration_ids
 from gqa_convert.surgery.calibration.aligned import aligned_merge

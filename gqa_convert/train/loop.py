@@ -24,7 +24,7 @@ import torch
 
 from gqa_convert.data.tokens import TokenBlocks, read_head
 from gqa_convert.errors import GQAConvertError, is_disk_full
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.train.checkpoints import (
     TrainerState,
     append_metrics,
