@@ -42,6 +42,13 @@ def test_without_the_extra_one_line_names_the_install(task_model, monkeypatch):
         evaluate_tasks(task_model, TaskEvalOptions(tasks="wikitext_lastword"))
 
 
+def test_an_lm_eval_too_old_is_named(task_model, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.delattr(TaskManager, "load")  # as in lm-eval 0.4.11 and older
+    refused(["eval", task_model, "--tasks", "wikitext_lastword"], "too old", "0.4.12", "gqa-convert[tasks]")
+
+
 @pytest.mark.parametrize(
     ("settings", "fragment"),
     [

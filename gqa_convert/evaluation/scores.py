@@ -126,7 +126,8 @@ def compare_scores(converted: dict[str, Any], baseline: dict[str, Any]) -> dict[
 def _settings(result: dict[str, Any]) -> str:
     shots = sorted({str(result["tasks"][name]["num_fewshot"]) for name in result["requested"]})
     limit = "all examples" if result["limit"] is None else f"first {result['limit']} examples per task"
-    return f"{result['dtype']} on {result['device']}, lm-eval {result['lm_eval']}, {'/'.join(shots)}-shot, {limit}"
+    where = f"{result['dtype']} on {result['device']}, lm-eval {result['lm_eval']}"
+    return f"{where}, {'/'.join(shots)}-shot, {limit}, {result['seconds']:.0f} s"
 
 
 def _value(value: float | None, width: int = 10) -> str:

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from gqa_convert.evaluation.scores import compare_scores, example_scores, task_s
 from gqa_convert.io.sources import model_config
 
 INSTALL_HINT = "pip install 'gqa-convert[tasks]'"
-MIN_LM_EVAL = "0.4.13"  # the first release whose TaskManager.load takes built tasks
+MIN_LM_EVAL = "0.4.12"  # the first release whose TaskManager.load takes built tasks
 LOCAL_TASKS = Path(__file__).resolve().parent / "local_tasks"
 LOCAL_TASK_NAMES = tuple(sorted(path.stem for path in LOCAL_TASKS.glob("*.yaml")))
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -200,7 +201,10 @@ def _load_failure(name: str, error: BaseException) -> str:
 def _run(lm_eval: Any, source: str | Path, tasks: list[Any], catalog: TaskCatalog, options: TaskEvalOptions) -> dict:
     import torch
     from lm_eval.models.huggingface import HFLM
+    from rich.console import Console
 
+    started = time.perf_counter()
+    Console(stderr=True).log(f"scoring {source} on {len(tasks)} task(s)")
     loaded = load_eval_model(source, options.dtype, options.device)
     seed = options.seed
     with _lm_eval_quiet():
@@ -245,6 +249,7 @@ def _run(lm_eval: Any, source: str | Path, tasks: list[Any], catalog: TaskCatalo
         "num_fewshot": options.num_fewshot,
         "batch_size": options.batch_size,
         "seed": seed,
+        "seconds": round(time.perf_counter() - started, 1),  # loading and scoring
         **scores,
     }
 
