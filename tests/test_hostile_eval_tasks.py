@@ -135,8 +135,8 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
     folder = tmp_path / "model"
     build_tiny(folder, "llama")  # 128 embedding rows
     save_tiny_tokenizer(folder)  # 320 ids
-    refused(["eval", folder, "--tasks", "wikitext_lastword", "--limit", 1], "ids up to 319", "only 128")
-    refused(["eval", folder, "--data", SAMPLE, "--seq-len", 32], "ids up to 319")
+    refused(["eval", folder, "--tasks", "wikitext_lastword", "--limit", 1], "reaches id 319", "only 128")
+    refused(["eval", folder, "--data", SAMPLE, "--seq-len", 32], "vocabulary reaches id 319")
 
 
 def test_more_shots_than_a_task_has_is_one_line(task_model):

@@ -32,15 +32,25 @@ def compute_dtype(setting: str, config: Any, device: str) -> torch.dtype:
     return declared if device.startswith("cuda") and usable else torch.float32
 
 
-def check_vocabulary(source: str | Path, tokenizer: Any, config: Any) -> None:
-    """Every id the tokenizer can produce must have an embedding row (checked before any forward pass)."""
-    largest = max(max(tokenizer.get_vocab().values(), default=0), len(tokenizer) - 1)
+def check_vocabulary(source: str | Path, tokenizer: Any, config: Any, special_tokens: bool = False) -> None:
+    """Every id plain text can produce (the base vocabulary) must have an embedding row, and, with
+    `special_tokens`, the BOS/EOS/padding ids an evaluation may insert; checked before any forward pass.
+    Added tokens that text never produces may lie beyond (some tokenizers append one)."""
     rows = getattr(config, "vocab_size", None)
-    if isinstance(rows, int) and largest >= rows:
-        raise GQAConvertError(
-            f"{source}: its tokenizer has ids up to {largest} but the model embeds only {rows}: "
-            "save the model's own tokenizer with it"
-        )
+    if not isinstance(rows, int):
+        return  # a composite config: its text model's size is not checked here
+    ids = {"its tokenizer's vocabulary": int(tokenizer.vocab_size) - 1}
+    if special_tokens:
+        for name in ("bos", "eos", "pad"):
+            token_id = getattr(tokenizer, f"{name}_token_id", None)
+            if isinstance(token_id, int):
+                ids[f"its {name} token"] = token_id
+    for what, largest in ids.items():
+        if largest >= rows:
+            raise GQAConvertError(
+                f"{source}: {what} reaches id {largest} but the model embeds only {rows} ids: "
+                "save the model's own tokenizer with it"
+            )
 
 
 @dataclass(frozen=True)
@@ -55,15 +65,21 @@ class EvalModel:
 
 
 def load_eval_model(
-    source: str | Path, dtype: str = "auto", device: str | None = None, config: Any = None, tokenizer: Any = None
+    source: str | Path,
+    dtype: str = "auto",
+    device: str | None = None,
+    config: Any = None,
+    tokenizer: Any = None,
+    special_tokens: bool = False,
 ) -> EvalModel:
     """Check the model (folder or .gguf), load its tokenizer, then its weights in the chosen dtype on
-    the chosen device. `config`, `tokenizer`: those of the model when the caller has them already."""
+    the chosen device. `config`, `tokenizer`: those of the model when the caller has them already;
+    `special_tokens`: the evaluation inserts BOS/EOS/padding ids (see check_vocabulary)."""
     from transformers.utils import logging as transformers_logging
 
     config = config if config is not None else model_config(source)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
-    check_vocabulary(source, tokenizer, config)
+    check_vocabulary(source, tokenizer, config, special_tokens)
     transformers_logging.disable_progress_bar()
     device = default_device(device)
     torch_dtype = compute_dtype(dtype, config, device)

@@ -205,7 +205,7 @@ def _run(lm_eval: Any, source: str | Path, tasks: list[Any], catalog: TaskCatalo
 
     started = time.perf_counter()
     Console(stderr=True).log(f"scoring {source} on {len(tasks)} task(s)")
-    loaded = load_eval_model(source, options.dtype, options.device)
+    loaded = load_eval_model(source, options.dtype, options.device, special_tokens=True)
     seed = options.seed
     with _lm_eval_quiet():
         lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=options.batch_size)
