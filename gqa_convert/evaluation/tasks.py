@@ -46,7 +46,7 @@ class TaskEvalOptions:
     # examples shown before each question (default: the task's own setting, else 0)
     num_fewshot: int | None = None
     # requests per forward pass
-    batch_size: int = 8
+    batch_size: int = 4
     # default: cuda when available, else cpu
     device: str | None = None
     # auto: the checkpoint's dtype on a GPU, float32 on a CPU
@@ -189,7 +189,9 @@ def _unknown(name: str) -> str:
 
 
 def _load_failure(name: str, error: BaseException) -> str:
-    offline = [variable for variable in _OFFLINE_VARIABLES if os.environ.get(variable, "0") not in ("", "0", "false")]
+    offline = [
+        variable for variable in _OFFLINE_VARIABLES if os.environ.get(variable, "0").lower() not in ("", "0", "false")
+    ]
     why = f"{' and '.join(offline)} set" if offline else "is the Hub reachable?"
     return (
         f"task '{name}' could not be loaded ({type(error).__name__}: {one_line(error)[:300]}); tasks whose data "
