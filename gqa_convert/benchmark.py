@@ -17,7 +17,7 @@ import torch
 
 from gqa_convert.arch import architecture_for, check_seq_len, kv_heads_of
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.evaluate import EVAL_DTYPES, compute_dtype
+from gqa_convert.evaluation import EVAL_DTYPES, compute_dtype
 from gqa_convert.io.gguf import is_gguf
 from gqa_convert.io.sources import check_model_folder
 from gqa_convert.options import Options, option

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
@@ -12,11 +13,12 @@ from typing import Any, Optional
 import typer
 
 from gqa_convert.benchmark import BenchOptions, bench_models, format_bench
-from gqa_convert.command_line import OneLineErrors, takes, user_errors
+from gqa_convert.command_line import OneLineErrors, changed_flags, takes, user_errors
 from gqa_convert.data.tokenize import TokenizeOptions
 from gqa_convert.data.tokenize import tokenize as run_tokenize
-from gqa_convert.evaluate import EvalOptions
-from gqa_convert.evaluate import evaluate as run_evaluate
+from gqa_convert.errors import GQAConvertError
+from gqa_convert.evaluation import EvalOptions, TaskEvalOptions, evaluate_tasks, format_scores
+from gqa_convert.evaluation import evaluate as run_evaluate
 from gqa_convert.inspection import InspectOptions, format_inspect, inspect_checkpoint
 from gqa_convert.planning.report import format_plan
 from gqa_convert.report.recovery import plot_run
@@ -134,13 +136,36 @@ def tokenize(
 @app.command("eval")
 @user_errors()
 @takes(EvalOptions)
+@takes(TaskEvalOptions, name="task_options")
 def evaluate(
     model: str = typer.Argument(..., help="a transformers folder or a .gguf file"),
-    data: str = typer.Option(..., help="a text file (or table file / folder with --text-column)"),
+    data: Optional[str] = typer.Option(
+        None, help="perplexity on a text file (or table file / folder with --text-column)"
+    ),
+    baseline: Optional[str] = typer.Option(None, help="with --tasks: the source model, scored too, with retention (%)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     options: EvalOptions = None,
+    task_options: TaskEvalOptions = None,
 ) -> None:
-    """Perplexity over non-overlapping windows of the text tokenized as one string."""
+    """Perplexity over non-overlapping windows of the text tokenized as one string (--data), or accuracy
+    on lm-eval tasks (--tasks), optionally side by side with the source model (--baseline)."""
+    if (data is None) == (not task_options.tasks):
+        raise GQAConvertError("give --data TEXT (perplexity) or --tasks NAMES (lm-eval tasks), one of them")
+    ignored = (
+        changed_flags(options, ("seq_len", "max_tokens", "text_column"))
+        if data is None
+        else [
+            *changed_flags(task_options, ("include_path", "limit", "num_fewshot", "seed")),
+            *(["--baseline"] if baseline is not None else []),
+        ]
+    )
+    for flag in ignored:
+        warnings.warn(f"{flag} is ignored with {'--tasks' if data is None else '--data'}", stacklevel=1)
+    if data is None:
+        shared = {"batch_size": options.batch_size, "dtype": options.dtype, "device": options.device}
+        scores = evaluate_tasks(model, task_options.replace(**shared), baseline)
+        typer.echo(json.dumps(scores) if as_json else format_scores(scores))
+        return
     result = run_evaluate(model, data, options)
     if as_json:
         typer.echo(json.dumps(result))

@@ -130,6 +130,12 @@ def takes(options_class: type[Options], *, name: str = "options") -> Callable[[C
     return decorate
 
 
+def changed_flags(options: Options, names: tuple[str, ...]) -> list[str]:
+    """The flags among `names` whose value is not the default (to warn that a mode ignores them)."""
+    fields = {field.name: field for field in dataclasses.fields(options)}
+    return [flag_name(name) for name in names if getattr(options, name) != fields[name].default]
+
+
 def _plain(value: Any) -> Any:
     """A parsed flag as the library takes it: enumeration members as their names, paths as text."""
     if isinstance(value, list):

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from gqa_convert.arch import kv_cache_bytes_per_token
-from gqa_convert.evaluate import EvalOptions, evaluate
+from gqa_convert.evaluation import EvalOptions, evaluate
 
 logging.set_verbosity_error()
 logging.disable_progress_bar()

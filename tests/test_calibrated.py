@@ -112,7 +112,7 @@ def test_refinement_lowers_the_held_out_error_and_keeps_exact_merges(tmp_path, t
     from transformers import AutoTokenizer
 
     from gqa_convert.data.text import tokenize_text
-    from gqa_convert.evaluate import perplexity_of
+    from gqa_convert.evaluation import perplexity_of
 
     ids = tokenize_text(AutoTokenizer.from_pretrained(tmp_path / "src"), SAMPLE.read_text())
     plain, better = (perplexity_of(load(tmp_path / name), ids, 64)["perplexity"] for name in ("plain", "refined"))

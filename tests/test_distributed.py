@@ -141,7 +141,7 @@ def test_fsdp2_export_is_the_trained_model(fsdp2_run, ddp_run, tmp_path):
     # the perplexity the two processes measured at the last step is the exported model's
     from gqa_convert.data.manifest import read_manifest
     from gqa_convert.data.tokens import read_head
-    from gqa_convert.evaluate import perplexity_of
+    from gqa_convert.evaluation import perplexity_of
 
     (eval_folder,) = [folder for folder in (out / "data").iterdir() if read_manifest(folder)["job"]["head"]]
     ids = torch.from_numpy(read_head(eval_folder, 1000))

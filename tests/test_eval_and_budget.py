@@ -184,7 +184,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(trainable, tmp_path):
 
 
 def test_eval_dtype_auto_and_explicit(model_dir, tmp_path):
-    from gqa_convert.evaluate import compute_dtype
+    from gqa_convert.evaluation import compute_dtype
 
     half = tmp_path / "half"
     AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(half)
@@ -198,7 +198,7 @@ def test_eval_dtype_auto_and_explicit(model_dir, tmp_path):
     assert auto["dtype"] == "float32" and bf16["dtype"] == "bfloat16" and auto["device"] == "cpu"
     assert bf16["perplexity"] != auto["perplexity"]
     assert bf16["perplexity"] == pytest.approx(auto["perplexity"], rel=0.05)
-    from gqa_convert.evaluate import EvalOptions
+    from gqa_convert.evaluation import EvalOptions
 
     with pytest.raises(GQAConvertError, match="--dtype 'int8' is not known"):
         EvalOptions(dtype="int8")

@@ -17,7 +17,7 @@ from gqa_convert.calibration import CalibrationSettings
 from gqa_convert.cli import app
 from gqa_convert.data.tokenize import TokenizeOptions
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.evaluate import EvalOptions
+from gqa_convert.evaluation import EvalOptions, TaskEvalOptions
 from gqa_convert.inspection import InspectOptions
 from gqa_convert.options import Options, cli_fields, flag_name, spec_of
 from gqa_convert.surgery.aligned import AlignedSettings, RefineSettings
@@ -40,7 +40,7 @@ COMMANDS = {
     "uptrain": TrainSettings,
     "tokenize": TokenizeOptions,
     "expand": ExpandOptions,
-    "eval": EvalOptions,
+    "eval": (EvalOptions, TaskEvalOptions),
     "bench": BenchOptions,
     "inspect": InspectOptions,
 }
@@ -145,7 +145,8 @@ def _click_command(name: str) -> click.Command:
 def test_each_flag_is_its_options_field(command, cls):
     """The CLI's options are generated from the dataclass: same names, same defaults, same help."""
     params = {param.name: param for param in _click_command(command).params}
-    for field in cli_fields(cls):
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    for field in (field for each in classes for field in cli_fields(each)):
         param = params.pop(field.name)
         spec = spec_of(field)
         assert param.help == spec.help
@@ -156,7 +157,7 @@ def test_each_flag_is_its_options_field(command, cls):
         if field.default is not dataclasses.MISSING and not isinstance(field.default, tuple):
             default = param.default.value if hasattr(param.default, "value") else param.default
             assert default == field.default, field.name
-    assert set(params) <= {"as_json", "source", "out", "data", "models", "model"}, set(params)
+    assert set(params) <= {"as_json", "source", "out", "data", "models", "model", "baseline"}, set(params)
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,7 @@ def test_a_tokenizer_larger_than_the_model_is_refused_before_any_forward(
     from typer.testing import CliRunner
 
     from gqa_convert.cli import app
-    from gqa_convert.evaluate import EvalOptions, evaluate
+    from gqa_convert.evaluation import EvalOptions, evaluate
     from gqa_convert.io.sources import load_tokenizer, open_checkpoint
 
     model = oversized_tokenizer_model

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from gqa_convert.data.text import tokenize_text
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.surgery.convert import expand, pool
 from gqa_convert.surgery.options import PoolOptions
 

@@ -119,7 +119,7 @@ def test_a_run_draws_its_recovery_curve_with_the_teachers_perplexity(tmp_path):
 
     from gqa_convert.data.manifest import read_manifest
     from gqa_convert.data.tokens import read_head
-    from gqa_convert.evaluate import perplexity_of
+    from gqa_convert.evaluation import perplexity_of
     from gqa_convert.train.launch import uptrain
     from gqa_convert.train.settings import TrainSettings
 

@@ -28,7 +28,7 @@ import torch
 
 from gqa_convert.data.tokens import read_head
 from gqa_convert.errors import GQAConvertError
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.report.recovery import refresh_recovery_plot
 from gqa_convert.train.checkpoint import checkpoint_dir, load_checkpoint, prune_checkpoints, save_checkpoint
 from gqa_convert.train.data import Batches

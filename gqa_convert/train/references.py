@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.train.losses import LossParts, head_losses
 
 

@@ -106,7 +106,7 @@ def names(listed: str) -> list[str]:
 
 
 def perplexities(model: Path, texts: dict[str, Path], tokens: int) -> dict[str, float]:
-    from gqa_convert.evaluate import EvalOptions, evaluate
+    from gqa_convert.evaluation import EvalOptions, evaluate
 
     return {
         name: evaluate(model, path, EvalOptions(seq_len=512, max_tokens=tokens))["perplexity"]

@@ -24,7 +24,7 @@ import torch
 from gqa_convert.arch import head_dim_of
 from gqa_convert.calibration import CalibrationStream, CalibrationText, calibration_ids, resolve_device
 from gqa_convert.data.text import tokenize_text
-from gqa_convert.evaluate import perplexity_of
+from gqa_convert.evaluation import perplexity_of
 from gqa_convert.io.sources import open_checkpoint
 from gqa_convert.surgery.aligned import (
     ATTENDED_FOR,

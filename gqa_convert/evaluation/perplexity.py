@@ -12,7 +12,8 @@ import torch
 
 from gqa_convert.arch import check_seq_len
 from gqa_convert.data.text import read_text, tokenize_text
-from gqa_convert.io.sources import load_causal_lm, load_tokenizer, model_config
+from gqa_convert.evaluation.loading import EVAL_DTYPES, load_eval_model
+from gqa_convert.io.sources import load_tokenizer, model_config
 from gqa_convert.options import Options, option
 
 IGNORE_INDEX = -100  # labels that no loss counts
@@ -60,50 +61,31 @@ def perplexity_of(
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": int(count.item())}
 
 
-EVAL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
 @dataclass(frozen=True, kw_only=True)
 class EvalOptions(Options):
     seq_len: int = option(2048, help="window length", min=2)
     max_tokens: int | None = option(None, help="use only the first N tokens", min=2)
     text_column: str = option("text", help="text column of table data")
-    batch_size: int = option(4, help="windows per forward", min=1)
+    batch_size: int = option(4, help="windows (or task requests) per forward", min=1)
     device: str | None = option(None, help="default: cuda when available, else cpu", cli=False)
     dtype: str = option("auto", help="auto: the checkpoint's dtype on a GPU, float32 on a CPU", choices=EVAL_DTYPES)
 
 
-def compute_dtype(setting: str, config: Any, device: str) -> torch.dtype:
-    """auto: the dtype the model's config declares, on a GPU; float32 on a CPU, where half precision
-    is slow and less exact (and a GGUF, dequantized, declares none)."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    declared = getattr(config, "dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared.removeprefix("torch."), None)
-    usable = isinstance(declared, torch.dtype) and declared.is_floating_point
-    return declared if device.startswith("cuda") and usable else torch.float32
-
-
 def evaluate(model_path: str | Path, data: str | Path, options: EvalOptions | None = None) -> dict[str, Any]:
     """Load a transformers folder (or a .gguf file) and its tokenizer, and measure perplexity on `data`."""
-    from transformers.utils import logging as transformers_logging
-
     options = options or EvalOptions()
     config = model_config(model_path)
     check_seq_len(options.seq_len, config)
     text = read_text(data, options.text_column)
-    ids = tokenize_text(load_tokenizer(model_path, check_vocab=True), text, options.max_tokens)
-    transformers_logging.disable_progress_bar()
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = compute_dtype(options.dtype, config, device)
-    model = load_causal_lm(model_path, dtype=dtype)
-    result = perplexity_of(model.to(device), ids, options.seq_len, options.batch_size)
+    tokenizer = load_tokenizer(model_path)  # checked against the model by load_eval_model
+    ids = tokenize_text(tokenizer, text, options.max_tokens)
+    loaded = load_eval_model(model_path, options.dtype, options.device, config, tokenizer)
+    result = perplexity_of(loaded.model, ids, options.seq_len, options.batch_size)
     return {
         "model": str(model_path),
         "data": str(data),
         "seq_len": options.seq_len,
-        "dtype": str(dtype).removeprefix("torch."),
-        "device": device,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "device": loaded.device,
         **result,
     }
