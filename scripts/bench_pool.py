@@ -139,7 +139,17 @@ def main() -> None:
         row = {"layers": layers, "checkpoint_gb": round(size / 1e9, 2)}
         row["cp"] = measure(["cp", "-r", str(src), str(args.workdir / "copy")])
         row["gqa_convert"] = measure(
-            tool + ["pool", str(src), "-o", str(args.workdir / "pooled"), "--kv-heads", str(args.kv_heads)]
+            tool
+            + [
+                "pool",
+                str(src),
+                "-o",
+                str(args.workdir / "pooled"),
+                "--kv-heads",
+                str(args.kv_heads),
+                "--recipe",
+                "mean",
+            ]
         )
         if not args.skip_naive:
             row["naive"] = measure(

@@ -172,7 +172,20 @@ def source_model() -> Path:
 
 def convert(limit: float) -> dict:
     gguf = source_model()
-    gqa("pool", gguf, "-o", WORK / "gqa3", "--kv-heads", SOURCE_KV, "--dtype", "bfloat16", "--force", limit=limit)
+    gqa(
+        "pool",
+        gguf,
+        "-o",
+        WORK / "gqa3",
+        "--kv-heads",
+        SOURCE_KV,
+        "--recipe",
+        "mean",
+        "--dtype",
+        "bfloat16",
+        "--force",
+        limit=limit,
+    )
     calibration = ["--recipe", MERGE]
     if MERGE != "mean":
         calibration += ["--calib-data", ROOT / "tests" / "data" / "calibration.txt"]

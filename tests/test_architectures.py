@@ -73,7 +73,7 @@ def test_expand_then_pool_back_reproduces_logits(tmp_path, model_type):
     assert len(kv_heads(mha, 0)) > 0 and next(iter(kv_heads(mha, 0).values())).shape[0] == HEADS
     torch.testing.assert_close(logits(mha), reference, atol=1e-4, rtol=1e-4)
 
-    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=KV_HEADS))
+    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(recipe="mean", kv_heads=KV_HEADS))
     back = load(tmp_path / "back")
     torch.testing.assert_close(logits(back), reference, atol=1e-4, rtol=1e-4)
     for layer in range(2):
@@ -84,7 +84,7 @@ def test_expand_then_pool_back_reproduces_logits(tmp_path, model_type):
 @pytest.mark.parametrize("model_type", sorted(TINY))
 def test_pool_to_mqa_equals_independent_mean(tmp_path, model_type):
     original = build_tiny(tmp_path / "src", model_type)
-    pool(tmp_path / "src", tmp_path / "mqa", PoolOptions(kv_heads=1))
+    pool(tmp_path / "src", tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1))
     mqa = load(tmp_path / "mqa")  # stock transformers, no help from us
     assert torch.isfinite(logits(mqa)).all()
     for layer in range(2):
@@ -110,7 +110,7 @@ def test_falcon_old_mqa_layout_expands_and_pools_back_exactly(tmp_path):
     mha = load(tmp_path / "mha")
     assert not mha.config.multi_query and not mha.config.new_decoder_architecture
     torch.testing.assert_close(logits(mha), reference, atol=1e-4, rtol=1e-4)
-    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(kv_heads=1))
+    pool(tmp_path / "mha", tmp_path / "back", PoolOptions(recipe="mean", kv_heads=1))
     back = load(tmp_path / "back")
     assert back.config.multi_query
     torch.testing.assert_close(logits(back), reference, atol=1e-4, rtol=1e-4)
@@ -125,7 +125,7 @@ def test_falcon_old_mha_layout_becomes_new_decoder_gqa(tmp_path):
         parallel_attn=True,
         num_kv_heads=HEADS,
     )
-    pool(tmp_path / "src", tmp_path / "gqa", PoolOptions(kv_heads=2))
+    pool(tmp_path / "src", tmp_path / "gqa", PoolOptions(recipe="mean", kv_heads=2))
     gqa = load(tmp_path / "gqa")
     assert gqa.config.new_decoder_architecture and gqa.config.num_kv_heads == 2
     assert torch.isfinite(logits(gqa)).all()
@@ -134,7 +134,7 @@ def test_falcon_old_mha_layout_becomes_new_decoder_gqa(tmp_path):
         torch.testing.assert_close(heads, expected[key].reshape(2, 2, *heads.shape[1:]).mean(1))
     # and back: expand of that GQA then pool gives the GQA's logits again
     expand(tmp_path / "gqa", tmp_path / "mha")
-    pool(tmp_path / "mha", tmp_path / "gqa2", PoolOptions(kv_heads=2))
+    pool(tmp_path / "mha", tmp_path / "gqa2", PoolOptions(recipe="mean", kv_heads=2))
     torch.testing.assert_close(logits(load(tmp_path / "gqa2")), logits(gqa), atol=1e-4, rtol=1e-4)
 
 
@@ -165,7 +165,7 @@ def test_every_kv_count_field_agrees_after_pool_and_expand(tmp_path, model_type,
     build_tiny(tmp_path / "src", model_type, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an old-layout MQA Falcon is already at one kv head
-        pool(tmp_path / "src", tmp_path / "pooled", PoolOptions(kv_heads=1))
+        pool(tmp_path / "src", tmp_path / "pooled", PoolOptions(recipe="mean", kv_heads=1))
         expand(tmp_path / "src", tmp_path / "expanded")
     for folder, kv in ((tmp_path / "pooled", 1), (tmp_path / "expanded", HEADS)):
         raw = json.loads((folder / "config.json").read_text())

@@ -24,17 +24,17 @@ from tiny_models import build_tiny, load, logits
     [(3, "choose one of 1, 2"), (0, "--kv-heads must be at least 1"), (-1, "at least 1"), (5, "1, 2"), (4, "1, 2")],
 )
 def test_kv_heads_that_do_not_divide_list_the_valid_values(src, tmp_path, kv_heads, expected):
-    fails(["pool", src, "-o", tmp_path / "out", "--kv-heads", kv_heads], expected)
+    fails(["pool", src, "-o", tmp_path / "out", "--kv-heads", kv_heads, "--recipe", "mean"], expected)
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_source(tmp_path):
-    fails(["pool", tmp_path / "nope", "-o", tmp_path / "out", "--kv-heads", 1], "source not found")
+    fails(["pool", tmp_path / "nope", "-o", tmp_path / "out", "--kv-heads", 1, "--recipe", "mean"], "source not found")
 
 
 def test_folder_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
-    fails(["pool", tmp_path / "empty", "-o", tmp_path / "out", "-g", 1], "no config.json")
+    fails(["pool", tmp_path / "empty", "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "no config.json")
 
 
 def test_invalid_config_json(src, tmp_path):
@@ -45,7 +45,7 @@ def test_invalid_config_json(src, tmp_path):
 def test_truncated_safetensors(src, tmp_path):
     weights = src / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 100)
-    fails(["pool", src, "-o", tmp_path / "out", "-g", 1], "truncated", "re-download")
+    fails(["pool", src, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "truncated", "re-download")
     assert not (tmp_path / "out").exists()
 
 
@@ -72,12 +72,16 @@ def test_unsupported_architecture_is_named_with_the_reason(tmp_path, model_type,
     folder = tmp_path / model_type
     folder.mkdir()
     getattr(transformers, config_class)().to_json_file(folder / "config.json")
-    fails(["pool", folder, "-o", tmp_path / "out", "-g", 1], f"'{model_type}' is not supported", reason)
+    fails(
+        ["pool", folder, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"],
+        f"'{model_type}' is not supported",
+        reason,
+    )
 
 
 def test_output_inside_or_equal_to_source(src):
-    fails(["pool", src, "-o", src, "-g", 1], "is the input")
-    fails(["pool", src, "-o", src / "sub", "-g", 1], "inside the input folder")
+    fails(["pool", src, "-o", src, "-g", 1, "--recipe", "mean"], "is the input")
+    fails(["pool", src, "-o", src / "sub", "-g", 1, "--recipe", "mean"], "inside the input folder")
     assert not (src / "sub").exists()
 
 
@@ -85,13 +89,13 @@ def test_non_empty_output_is_refused_and_force_replaces_only_what_this_tool_wrot
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    fails(["pool", src, "-o", out, "-g", 1], "not empty", "--force")
-    fails(["pool", src, "-o", out, "-g", 1, "--force"], "did not write", "choose a new folder")
+    fails(["pool", src, "-o", out, "-g", 1, "--recipe", "mean"], "not empty", "--force")
+    fails(["pool", src, "-o", out, "-g", 1, "--recipe", "mean", "--force"], "did not write", "choose a new folder")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     ours = tmp_path / "ours"
-    assert runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "1"]).exit_code == 0
-    fails(["pool", src, "-o", ours, "-g", 2], "not empty", "--force")
-    result = runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "2", "--force"])
+    assert runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "1", "--recipe", "mean"]).exit_code == 0
+    fails(["pool", src, "-o", ours, "-g", 2, "--recipe", "mean"], "not empty", "--force")
+    result = runner.invoke(app, ["pool", str(src), "-o", str(ours), "-g", "2", "--recipe", "mean", "--force"])
     assert result.exit_code == 0, result.output
     assert json.loads((ours / "config.json").read_text())["num_key_value_heads"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out", "src"]  # no staging or lock left
@@ -108,19 +112,21 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
         if k != "lm_head.weight" or not model.config.tie_word_embeddings
     }
     torch.save(state, folder / "pytorch_model.bin")
-    fails(["pool", folder, "-o", tmp_path / "out", "-g", 1], "--allow-pickle")
-    result = runner.invoke(app, ["pool", str(folder), "-o", str(tmp_path / "out"), "-g", "2", "--allow-pickle"])
+    fails(["pool", folder, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "--allow-pickle")
+    result = runner.invoke(
+        app, ["pool", str(folder), "-o", str(tmp_path / "out"), "-g", "2", "--recipe", "mean", "--allow-pickle"]
+    )
     assert result.exit_code == 0, result.output
     torch.testing.assert_close(logits(load(tmp_path / "out")), logits(model))
 
 
 def test_hub_id_offline_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    fails(["pool", "some-org/some-model", "-o", tmp_path / "out", "-g", 1], "HF_HUB_OFFLINE")
+    fails(["pool", "some-org/some-model", "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "HF_HUB_OFFLINE")
 
 
 def test_unknown_max_shard_size(src, tmp_path):
-    fails(["pool", src, "-o", tmp_path / "out", "-g", 1, "--max-shard-size", "lots"], "size 'lots'")
+    fails(["pool", src, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean", "--max-shard-size", "lots"], "size 'lots'")
 
 
 def test_full_disk_leaves_no_half_folder(src, tmp_path):
@@ -132,7 +138,7 @@ def test_full_disk_leaves_no_half_folder(src, tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     process = subprocess.run(
-        [sys.executable, "-m", "gqa_convert.cli", "pool", str(src), "-o", str(out), "-g", "1"],
+        [sys.executable, "-m", "gqa_convert.cli", "pool", str(src), "-o", str(out), "-g", "1", "--recipe", "mean"],
         preexec_fn=limit_file_size,
         capture_output=True,
         text=True,
@@ -146,7 +152,9 @@ def test_full_disk_leaves_no_half_folder(src, tmp_path):
 
 def test_sharded_output_has_index_and_loads(src, tmp_path):
     model = load(src)
-    result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "2", "--max-shard-size", "20KB"])
+    result = runner.invoke(
+        app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "2", "--recipe", "mean", "--max-shard-size", "20KB"]
+    )
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))

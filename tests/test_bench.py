@@ -18,7 +18,7 @@ from tiny_models import HEADS, LAYERS, build_tiny
 def test_cache_bytes_follow_the_kv_heads(tmp_path):
     build_tiny(tmp_path / "gqa", "llama")  # 4 heads, 2 kv heads, head_dim 16, float32
     expand(tmp_path / "gqa", tmp_path / "mha")
-    pool(tmp_path / "gqa", tmp_path / "mqa", PoolOptions(kv_heads=1))
+    pool(tmp_path / "gqa", tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1))
     folders = [str(tmp_path / name) for name in ("mha", "gqa", "mqa")]
     results = bench_models(folders, BenchOptions(seq_len=20, batch=2, new_tokens=3))
     assert [r.kv_heads for r in results] == [HEADS, 2, 1]

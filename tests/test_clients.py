@@ -83,7 +83,7 @@ def convert_with_llama_cpp(folder: Path, out: Path, *extra: str, overlay: Path |
 @pytest.fixture(scope="module")
 def gguf_mqa(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "mqa"
-    pool(smollm2_gguf(), out, PoolOptions(kv_heads=1))
+    pool(smollm2_gguf(), out, PoolOptions(recipe="mean", kv_heads=1))
     return out
 
 
@@ -91,7 +91,7 @@ def gguf_mqa(tmp_path_factory) -> Path:
 def folder_mqa(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("tiny") / "src"
     build_trainable(source)
-    pool(source, source.with_name("mqa"), PoolOptions(kv_heads=1))
+    pool(source, source.with_name("mqa"), PoolOptions(recipe="mean", kv_heads=1))
     return source.with_name("mqa")
 
 
@@ -150,7 +150,7 @@ def test_llama_cpp_converts_a_folder_derived_mqa_exactly(tmp_path, gguf_mqa):
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.1)
     model.save_pretrained(source)
-    pool(source, tmp_path / "mqa", PoolOptions(kv_heads=1))
+    pool(source, tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1))
     convert_with_llama_cpp(tmp_path / "mqa", tmp_path / "mqa.gguf", "--outtype", "f32")
     meta, _ = read_gguf_header(tmp_path / "mqa.gguf")
     assert (meta["llama.attention.head_count_kv"], meta["llama.attention.head_count"]) == (1, 4)
@@ -212,7 +212,7 @@ def test_every_architecture_pooled_reads_the_same_in_transformers_457(tmp_path):
     for case, overrides in ROPE_CASES.items():
         source, out = tmp_path / case / "src", tmp_path / case / "mqa"
         build_tiny(source, case.split(":")[0], **overrides)
-        pool(source, out, PoolOptions(kv_heads=1))
+        pool(source, out, PoolOptions(recipe="mean", kv_heads=1))
         model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
         with torch.no_grad():
             torch.save(model(input_ids=ids).logits, tmp_path / case / "logits.pt")

@@ -46,14 +46,19 @@ def rewrite(file: Path, drop: str | None = None, add: dict[str, torch.Tensor] | 
 
 def test_a_missing_weight_is_named_and_nothing_is_written(src, tmp_path):
     rewrite(src / "model.safetensors", drop="model.layers.1.self_attn.v_proj.weight")
-    for command in (["pool", src, "-o", tmp_path / "out", "-g", 1], ["expand", src, "-o", tmp_path / "out"]):
+    for command in (
+        ["pool", src, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"],
+        ["expand", src, "-o", tmp_path / "out"],
+    ):
         refused(command, "model.layers.1.self_attn.v_proj.weight", "incomplete", out=tmp_path / "out", source=src)
     refused(["inspect", src], "lacks 1 tensor", "v_proj", source=src)
 
 
 def sharded(src: Path, folder: Path) -> dict:
     """A copy of src in several shards with an index (written by pool, kv count unchanged)."""
-    result = runner.invoke(app, ["pool", str(src), "-o", str(folder), "-g", "2", "--max-shard-size", "20KB"])
+    result = runner.invoke(
+        app, ["pool", str(src), "-o", str(folder), "-g", "2", "--recipe", "mean", "--max-shard-size", "20KB"]
+    )
     assert result.exit_code == 0, result.output
     return json.loads((folder / "model.safetensors.index.json").read_text())
 
@@ -66,10 +71,15 @@ def test_an_index_that_stops_listing_a_shard(src, tmp_path):
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != forgotten}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     out = tmp_path / "out"
-    refused(["pool", folder, "-o", out, "-g", 1], f"does not list the shard {forgotten}", out=out, source=folder)
+    refused(
+        ["pool", folder, "-o", out, "-g", 1, "--recipe", "mean"],
+        f"does not list the shard {forgotten}",
+        out=out,
+        source=folder,
+    )
     held = sorted(load_file(folder / forgotten))
     (folder / forgotten).unlink()  # the shard gone too: the tensors it held are named
-    message = refused(["pool", folder, "-o", out, "-g", 1], "incomplete", out=out, source=folder)
+    message = refused(["pool", folder, "-o", out, "-g", 1, "--recipe", "mean"], "incomplete", out=out, source=folder)
     assert held and all(name in message for name in held), (held, message)
 
 
@@ -103,7 +113,7 @@ def test_an_unknown_extra_tensor_is_carried_over_with_a_warning(src, tmp_path):
     extra = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     rewrite(src / "model.safetensors", add={"model.custom_scale": extra})
     with pytest.warns(UserWarning, match=r"1 tensor of .* carried over unchanged: model\.custom_scale"):
-        result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "1"])
+        result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "1", "--recipe", "mean"])
     assert result.exit_code == 0, result.output
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         torch.testing.assert_close(handle.get_tensor("model.custom_scale"), extra, atol=0, rtol=0)
@@ -143,7 +153,9 @@ def test_a_corrupt_safetensors_header_is_one_line(src, tmp_path, case):
         content = safetensors_bytes(content, bytes(8))
     (src / "model.safetensors").write_bytes(content)
     refused(["inspect", src], expected, source=src)
-    refused(["pool", src, "-o", tmp_path / "out", "-g", 1], expected, out=tmp_path / "out", source=src)
+    refused(
+        ["pool", src, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], expected, out=tmp_path / "out", source=src
+    )
 
 
 def fuzzed_header(rng: random.Random) -> bytes:
@@ -237,7 +249,9 @@ def test_a_bad_config_is_one_line(src, tmp_path, change, expected):
     config.update(change)
     config = {k: v for k, v in config.items() if v is not None}
     (src / "config.json").write_text(json.dumps(config))
-    message = refused(["pool", src, "-o", tmp_path / "out", "-g", 1], expected, out=tmp_path / "out", source=src)
+    message = refused(
+        ["pool", src, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], expected, out=tmp_path / "out", source=src
+    )
     assert "'None'" not in message and "choose one of" not in message
     refused(["inspect", src], expected, source=src)
 
@@ -258,10 +272,14 @@ def test_a_bin_holding_a_list_is_one_line(src, tmp_path):
 def test_a_legacy_torch_save_bin_is_read_with_allow_pickle(src, tmp_path):
     model = load(src)
     folder = pickled_source(tmp_path, dict(model.state_dict()), _use_new_zipfile_serialization=False)
-    refused(["pool", folder, "-o", tmp_path / "out", "-g", 1], "--allow-pickle", out=tmp_path / "out")
-    result = runner.invoke(app, ["pool", str(folder), "-o", str(tmp_path / "out"), "-g", "1", "--allow-pickle"])
+    refused(
+        ["pool", folder, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "--allow-pickle", out=tmp_path / "out"
+    )
+    result = runner.invoke(
+        app, ["pool", str(folder), "-o", str(tmp_path / "out"), "-g", "1", "--recipe", "mean", "--allow-pickle"]
+    )
     assert result.exit_code == 0, result.output
-    mean = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "reference"), "-g", "1"])
+    mean = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "reference"), "-g", "1", "--recipe", "mean"])
     assert mean.exit_code == 0, mean.output
     torch.testing.assert_close(logits(load(tmp_path / "out")), logits(load(tmp_path / "reference")))
 
@@ -274,15 +292,17 @@ def test_force_never_replaces_the_current_directory(src, tmp_path, monkeypatch):
     home.mkdir()
     (home / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(home)
-    refused(["pool", src, "-o", ".", "-g", 1, "--force"], "current directory", source=src)
+    refused(["pool", src, "-o", ".", "-g", 1, "--recipe", "mean", "--force"], "current directory", source=src)
     assert snapshot(home) == {"thesis.tex": hashlib.sha256(b"years of work").hexdigest()}
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)  # even empty: renaming a folder onto the working directory pulls it away
-    refused(["pool", src, "-o", ".", "-g", 1], "current directory", source=src)
+    refused(["pool", src, "-o", ".", "-g", 1, "--recipe", "mean"], "current directory", source=src)
     (empty / "sub").mkdir()
     monkeypatch.chdir(empty / "sub")  # nor a folder that holds it
-    refused(["pool", src, "-o", "..", "-g", 1, "--force"], "current directory or holds it", source=src)
+    refused(
+        ["pool", src, "-o", "..", "-g", 1, "--recipe", "mean", "--force"], "current directory or holds it", source=src
+    )
 
 
 def test_uptrain_force_replaces_only_a_folder_this_tool_wrote(tmp_path):
@@ -316,7 +336,7 @@ def test_side_files_are_an_allow_list_of_regular_files_inside_the_source(src, tm
     (src / "notes.txt").write_text("my notes")
     (src / "tokenizer_config.json").write_text("{}")
     with pytest.warns(UserWarning) as warned:
-        result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "1"])
+        result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "out"), "-g", "1", "--recipe", "mean"])
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     written = sorted(p.name for p in out.iterdir())
@@ -345,7 +365,9 @@ def test_outputs_have_the_permissions_of_a_plain_mkdir(src, tmp_path, umask, fol
     (src / "tokenizer_config.json").chmod(0o600)  # copied as content: the mode follows the umask
     previous = os.umask(umask)
     try:
-        result = runner.invoke(app, ["pool", str(src), "-o", str(tmp_path / "new" / "out"), "-g", "1"])
+        result = runner.invoke(
+            app, ["pool", str(src), "-o", str(tmp_path / "new" / "out"), "-g", "1", "--recipe", "mean"]
+        )
     finally:
         os.umask(previous)
     assert result.exit_code == 0, result.output
@@ -383,9 +405,13 @@ def work_files(parent: Path, name: str) -> list[str]:
 
 def test_a_second_writer_is_refused_naming_the_first(medium, tmp_path):
     out = tmp_path / "out"
-    first = stopped_while_writing(["pool", medium, "-o", out, "-g", 1, "--dtype", "bfloat16"], out)
+    first = stopped_while_writing(["pool", medium, "-o", out, "-g", 1, "--recipe", "mean", "--dtype", "bfloat16"], out)
     try:
-        message = fails(["pool", medium, "-o", out, "-g", 2, "--force"], "being written by another", f"pid {first.pid}")
+        message = fails(
+            ["pool", medium, "-o", out, "-g", 2, "--recipe", "mean", "--force"],
+            "being written by another",
+            f"pid {first.pid}",
+        )
         assert "-g 1" in message  # the first run's command line
     finally:
         os.kill(first.pid, signal.SIGCONT)
@@ -397,7 +423,9 @@ def test_a_second_writer_is_refused_naming_the_first(medium, tmp_path):
 
 def test_sigterm_removes_the_staged_folder(medium, tmp_path):
     out = tmp_path / "out"
-    process = stopped_while_writing(["pool", medium, "-o", out, "-g", 1, "--dtype", "bfloat16"], out)
+    process = stopped_while_writing(
+        ["pool", medium, "-o", out, "-g", 1, "--recipe", "mean", "--dtype", "bfloat16"], out
+    )
     os.kill(process.pid, signal.SIGTERM)
     os.kill(process.pid, signal.SIGCONT)
     _, stderr = process.communicate(timeout=300)
@@ -409,7 +437,9 @@ def test_sigterm_removes_the_staged_folder(medium, tmp_path):
 
 def test_the_staging_of_a_killed_run_is_removed_by_the_next_run(medium, tmp_path):
     out = tmp_path / "out"
-    process = stopped_while_writing(["pool", medium, "-o", out, "-g", 1, "--dtype", "bfloat16"], out)
+    process = stopped_while_writing(
+        ["pool", medium, "-o", out, "-g", 1, "--recipe", "mean", "--dtype", "bfloat16"], out
+    )
     os.kill(process.pid, signal.SIGKILL)
     process.communicate()
     left = work_files(tmp_path, "out")
@@ -439,7 +469,7 @@ def test_an_unwritable_output_is_one_line(tmp_path):
     (run / "checkpoints").mkdir()
     uptrain = ["--data", SAMPLE, "--tokens", 256, "--seq-len", 32]
     cases = [
-        (["pool", tmp_path / "model", "-o", locked / "out", "-g", 1], f"cannot write in {locked}"),
+        (["pool", tmp_path / "model", "-o", locked / "out", "-g", 1, "--recipe", "mean"], f"cannot write in {locked}"),
         (["uptrain", tmp_path / "model", "-o", locked / "out", *uptrain], f"cannot write in {locked}"),
         (["uptrain", tmp_path / "model", "-o", run, *uptrain, "--resume"], f"cannot write in {run}"),
     ]
@@ -468,7 +498,9 @@ def test_an_output_beside_a_gguf_file_is_not_inside_it(tmp_path):
     guard_output(tmp_path / "out", inputs=[gguf])  # beside the file: allowed
     with pytest.raises(GQAConvertError, match="is the input"):
         guard_output(gguf, inputs=[gguf])
-    message = fails(["pool", gguf, "-o", tmp_path / "out", "-g", 1], "GGUF version 0 is not supported")
+    message = fails(
+        ["pool", gguf, "-o", tmp_path / "out", "-g", 1, "--recipe", "mean"], "GGUF version 0 is not supported"
+    )
     assert "inside the source" not in message
 
 

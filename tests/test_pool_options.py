@@ -49,7 +49,7 @@ def test_random_is_seeded_fresh_and_scaled_like_init(tmp_path):
 
 def test_dtype_casts_floating_tensors_and_config(tmp_path):
     build_tiny(tmp_path / "src", "qwen2")
-    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1, dtype="bfloat16"))
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(recipe="mean", kv_heads=1, dtype="bfloat16"))
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as handle:
         assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"BF16"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -59,7 +59,7 @@ def test_dtype_casts_floating_tensors_and_config(tmp_path):
 def test_provenance_and_model_card(tmp_path):
     build_tiny(tmp_path / "src", "mistral")
     (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
-    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1))
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(recipe="mean", kv_heads=1))
     record = json.loads((tmp_path / "out" / "gqa_convert.json").read_text())
     assert record["tool"] == "gqa-convert" and record["method"] == "mean" and record["groups"] == [[0, 1]]
     assert record["kv_heads_before"] == 2 and record["kv_heads_after"] == 1 and record["version"]
@@ -76,7 +76,7 @@ def test_provenance_and_model_card(tmp_path):
 def test_explicit_kv_attribute_where_the_class_default_differs(tmp_path):
     """Olmo's class falls back to nh when the attribute is absent; the output must say 1 explicitly."""
     build_tiny(tmp_path / "src", "olmo")
-    pool(tmp_path / "src", tmp_path / "out", PoolOptions(kv_heads=1))
+    pool(tmp_path / "src", tmp_path / "out", PoolOptions(recipe="mean", kv_heads=1))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_key_value_heads"] == 1
 
 

@@ -40,7 +40,7 @@ def original(gguf):
 
 
 def test_pool_gguf_to_mqa_loads_and_generates(tmp_path, gguf):
-    pool(gguf, tmp_path / "mqa", PoolOptions(kv_heads=1, dtype="bfloat16"))
+    pool(gguf, tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1, dtype="bfloat16"))
     assert json.loads((tmp_path / "mqa" / "config.json").read_text())["num_key_value_heads"] == 1
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "mqa")
@@ -59,7 +59,7 @@ def test_expand_then_pool_back_reproduces_perplexity(tmp_path, mha_folder, origi
 
     mha = AutoModelForCausalLM.from_pretrained(mha_folder, dtype=torch.float32)
     assert mha.config.num_key_value_heads == 9
-    pool(mha_folder, tmp_path / "gqa3", PoolOptions(kv_heads=3))
+    pool(mha_folder, tmp_path / "gqa3", PoolOptions(recipe="mean", kv_heads=3))
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "gqa3", dtype=torch.float32)
     assert back.config.num_key_value_heads == 3
     for converted in (mha, back):
@@ -76,7 +76,9 @@ def test_mean_pooling_to_mqa_costs_quality_on_the_real_model(tmp_path, mha_folde
     model, tokenizer = original
     ids = tokenize_text(tokenizer, SAMPLE_TEXT.read_text())
     reference = perplexity_of(model, ids, seq_len=256)["perplexity"]
-    pool(mha_folder, tmp_path / "mqa", PoolOptions(kv_heads=1))  # MHA-9 -> MQA: the 3 original heads, each thrice
+    pool(
+        mha_folder, tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1)
+    )  # MHA-9 -> MQA: the 3 original heads, each thrice
     mqa = AutoModelForCausalLM.from_pretrained(tmp_path / "mqa", dtype=torch.float32)
     pooled = perplexity_of(mqa, ids, seq_len=256)["perplexity"]
     assert pooled > 2 * reference
@@ -91,7 +93,7 @@ def test_aligned_merge_beats_mean_pooling_on_held_out_text(tmp_path, mha_folder)
     (tmp_path / "heldout.txt").write_text(text[cut:])
     calibration = dict(calib_data=(str(tmp_path / "calib.txt"),), calib_tokens=288, calib_seq_len=96)
     pool(mha_folder, tmp_path / "aligned", PoolOptions(kv_heads=1, recipe="aligned", **calibration))
-    pool(mha_folder, tmp_path / "mean", PoolOptions(kv_heads=1))
+    pool(mha_folder, tmp_path / "mean", PoolOptions(recipe="mean", kv_heads=1))
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "aligned")
     ids = tokenize_text(tokenizer, (tmp_path / "heldout.txt").read_text())
     scores = {

@@ -200,7 +200,7 @@ def test_distillation_from_the_source_teacher(model_dir, tmp_path):
             parameter.normal_(0, 0.2)
     model.save_pretrained(teacher)
     save_tiny_tokenizer(teacher)
-    pool(teacher, tmp_path / "mqa", PoolOptions(kv_heads=1))
+    pool(teacher, tmp_path / "mqa", PoolOptions(recipe="mean", kv_heads=1))
     out = tmp_path / "distilled"
     uptrain(
         TrainSettings(

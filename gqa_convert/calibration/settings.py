@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gqa_convert.calibration.self_generated import OPENINGS
 from gqa_convert.calibration.texts import TEXT_SOURCES
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import FileOptions, option
@@ -28,6 +29,16 @@ class CalibrationSettings(FileOptions):
         16384, min=1, max=MAX_TOKENS, help="calibration tokens (every window's activations of a layer are held)"
     )
     seq_len: int = option(512, min=2, help="calibration window length (use the context length the model will serve)")
+    openings: str = option(
+        "auto",
+        choices=lambda: OPENINGS,
+        help="text self: how the model's sequences start: bos (the beginning-of-text token), random (it and one "
+        "random token, as LLM-QAT), chat (the chat template around a request for a kind of text), auto (chat "
+        "and random alternately; random without a chat template)",
+    )
+    temperature: float = option(1.0, above=0, max=10, help="text self: sampling temperature (1: the model's own)")
+    top_p: float = option(1.0, above=0, max=1, help="text self: nucleus sampling mass (1: every token)")
+    seed: int = option(0, min=0, help="text self: the sampling seed (the same text for the same seed and model)")
     sequential: bool = option(
         True, help="each layer calibrated on the outputs of the merged layers before it (not the source's)"
     )

@@ -3,17 +3,23 @@
 A recipe names its text source (`calibration.text`), a key of TEXT_SOURCES. Each source gives one or
 more parts of (windows, seq_len) token ids; the calibration tokens are shared equally between the
 parts and their windows interleaved, so that every batch, and the held-out batches, mix them.
-Today the only source is the user's text; a source the model writes itself (sampled from the source
-model) is one more entry here, and a recipe that names it needs no --calib-data.
+    user  the texts given with --calib-data (needed)
+    self  the source model writes its own text (self_generated.py), needing none from the user; texts
+          given with --calib-data join it as further parts (a mix of the model's text and the user's)
+The model's text is kept in OUT/calibration/ (ids and decoded text, id_file.py); that ids file given
+back as --calib-data calibrates on exactly those ids.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from gqa_convert.calibration.id_file import is_id_file, read_id_file, write_id_file
+from gqa_convert.calibration.self_generated import Generation, self_generate
 from gqa_convert.data.text import check_data, read_text, tokenize_text
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import Checkpoint
@@ -28,6 +34,9 @@ class CalibrationText:
     tokens: int
     seq_len: int
     text_column: str = "text"
+    generation: Generation = field(default_factory=Generation)  # how the model writes its text (self)
+    device: str = "cpu"  # where the model writes it
+    keep: Path | None = None  # a folder for the model's text (ids and decoded)
 
 
 @dataclass(frozen=True)
@@ -43,8 +52,11 @@ class TextSource:
 
 
 def _text_windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
-    check_data(data)
-    ids = tokenize_text(checkpoint.tokenizer(check_vocab=True), read_text(data, text_column), max_tokens=tokens)
+    if is_id_file(data):  # ids a conversion kept (the model's own text): exactly those, not re-tokenized
+        ids = read_id_file(data, int(checkpoint.config.vocab_size)).reshape(-1)[:tokens]
+    else:
+        check_data(data)
+        ids = tokenize_text(checkpoint.tokenizer(check_vocab=True), read_text(data, text_column), max_tokens=tokens)
     windows = len(ids) // seq_len
     if windows < 1 or windows * seq_len < min(tokens, 4 * seq_len):
         raise GQAConvertError(
@@ -58,6 +70,20 @@ def _user_windows(checkpoint: Checkpoint, text: CalibrationText, share: int) -> 
     return [_text_windows(checkpoint, data, share, text.seq_len, text.text_column) for data in text.data]
 
 
+SELF_GENERATED = "self_generated"  # the name of the kept ids (.safetensors) and text (.txt)
+
+
+def _self_windows(checkpoint: Checkpoint, text: CalibrationText, share: int) -> list[torch.Tensor]:
+    """The user's texts, if any, and as many tokens written by the source model (kept in text.keep)."""
+    parts = _user_windows(checkpoint, text, share)
+    generated = self_generate(checkpoint, max(1, share // text.seq_len), text.seq_len, text.generation, text.device)
+    if text.keep is not None:
+        text.keep.mkdir(exist_ok=True)
+        made_by = {"source": checkpoint.source, "device": text.device, **asdict(text.generation)}
+        write_id_file(text.keep, SELF_GENERATED, generated, checkpoint.tokenizer(), made_by)
+    return [*parts, generated]
+
+
 TEXT_SOURCES: dict[str, TextSource] = {
     source.name: source
     for source in (
@@ -67,6 +93,14 @@ TEXT_SOURCES: dict[str, TextSource] = {
             needs_user_text=True,
             parts=lambda texts: texts,
             windows=_user_windows,
+        ),
+        TextSource(
+            "self",
+            "text the source model writes itself (no data needed; texts given with --calib-data join it, "
+            "sharing the tokens equally)",
+            needs_user_text=False,
+            parts=lambda texts: texts + 1,
+            windows=_self_windows,
         ),
     )
 }

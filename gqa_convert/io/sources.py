@@ -42,6 +42,7 @@ class Checkpoint:
     gguf_file: str | None = None
     _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # in-memory sources
     _open: tuple[str, Any] | None = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)  # read once: a GGUF's is parsed from the whole file
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._loaded:
@@ -73,10 +74,11 @@ class Checkpoint:
     def tokenizer(self, check_vocab: bool = False) -> Any:
         """The source's tokenizer (from the folder or the GGUF metadata); with check_vocab (its ids
         will enter the model), refused when its ids can reach config.vocab_size."""
-        if self.gguf_file is not None:
-            tokenizer = gguf_tokenizer(Path(self.gguf_file))
-        else:
-            tokenizer = load_tokenizer(self.folder)
+        if self._tokenizer is None:
+            self._tokenizer = (
+                gguf_tokenizer(Path(self.gguf_file)) if self.gguf_file is not None else load_tokenizer(self.folder)
+            )
+        tokenizer = self._tokenizer
         if check_vocab:
             check_tokenizer_fits(tokenizer, self.config, self.source)
         return tokenizer

@@ -9,6 +9,8 @@ provenance and model card; rename the folder into place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import shutil
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gqa_convert.arch import check_seq_len, head_dim_of, kv_cache_bytes_per_token, valid_kv_heads, write_kv_heads
+from gqa_convert.calibration.id_file import is_id_file
 from gqa_convert.data.text import check_data
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.output import guard_output, output_lock, staged_output, work_folder
@@ -32,6 +35,8 @@ from gqa_convert.surgery.options import ConversionOptions, ExpandOptions, PoolOp
 from gqa_convert.surgery.plan import HeadPlan, contiguous_groups, expand_groups
 from gqa_convert.surgery.stream import Source, cast, compute, plan_outputs, units
 from gqa_convert.units import torch_dtype
+
+KEPT_FOLDER = "calibration"  # in OUT: the text the model wrote for its own calibration
 
 
 @dataclass(frozen=True)
@@ -50,11 +55,13 @@ class Conversion:
 def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversion:
     """Merge the kv heads of `source` into `options.kv_heads` groups by the options' recipe and write a
     transformers folder at `out`. A calibrated recipe reads the calibration text (of the source's domain)."""
-    recipe = options.resolved_recipe
-    text = options.calibration_text if recipe.calibrated else None
-    for data in text.data if text is not None else ():
-        check_data(data)
+    for data in options.calib_data:  # before OUT is touched
+        if not is_id_file(data):
+            check_data(data)
     with _opened_for_output(source, Path(out), options) as checkpoint:
+        options = options.for_architecture(checkpoint.architecture)
+        recipe = options.resolved_recipe
+        text = options.calibration_text if recipe.calibrated else None
         plan = _pool_plan(checkpoint, options)
         details: dict[str, Any] = {"operation": "pool", "method": recipe.method, "grouping": recipe.grouping}
         details.update(recipe=recipe.as_dict(), seed=options.seed)
@@ -65,11 +72,15 @@ def pool(source: str | Path, out: str | Path, options: PoolOptions) -> Conversio
         check_seq_len(text.seq_len, checkpoint.config, flag="--calib-seq-len")
         device = options.calibration_device
         with work_folder(Path(out), "calib") as workdir:
+            kept = workdir / KEPT_FOLDER  # the model's own calibration text, if it writes one
+            text = dataclasses.replace(text, device=device, keep=kept)
             layers = calibrate_layers(checkpoint, plan, recipe, text, device, workdir)
             details["calibration"] = {"data": list(text.data), "text_column": text.text_column, "device": device}
             details["calibration"]["tokens_used"] = layers.tokens
+            if kept.is_dir():
+                details["calibration"]["kept"] = f"{KEPT_FOLDER}/"
             source_plan = Source(checkpoint, plan, layers.plans, layers.overrides)
-            return _convert(checkpoint, Path(out), source_plan, options, details)
+            return _convert(checkpoint, Path(out), source_plan, options, details, kept if kept.is_dir() else None)
 
 
 def expand(source: str | Path, out: str | Path, options: ExpandOptions | None = None) -> Conversion:
@@ -144,7 +155,12 @@ def _write_tensors(
 
 
 def _convert(
-    checkpoint: Checkpoint, out: Path, source: Source, options: ConversionOptions, details: dict[str, Any]
+    checkpoint: Checkpoint,
+    out: Path,
+    source: Source,
+    options: ConversionOptions,
+    details: dict[str, Any],
+    kept: Path | None = None,
 ) -> Conversion:
     dtype = torch_dtype(options.dtype)
     plan = source.plan
@@ -153,6 +169,8 @@ def _convert(
         files, specs = _write_tensors(source, staging, dtype, options.max_shard_bytes, label)
         write_config(staging, _output_config(checkpoint, plan.new_kv, dtype or _main_float_dtype(specs)))
         copy_side_files(checkpoint, staging)
+        if kept is not None:  # beside the provenance; copied file by file so modes follow the umask
+            shutil.copytree(kept, staging / KEPT_FOLDER, copy_function=shutil.copyfile)
         before = kv_cache_bytes_per_token(checkpoint.config, plan.old_kv)
         after = kv_cache_bytes_per_token(checkpoint.config, plan.new_kv)
         details = {**details, "groups": _groups_record(source, details), "kv_heads_before": plan.old_kv}

@@ -9,14 +9,16 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 
+from gqa_convert.arch import Architecture
 from gqa_convert.calibration import CalibrationText, check_device, resolve_device
+from gqa_convert.calibration.self_generated import Generation
 from gqa_convert.calibration.settings import MAX_TOKENS
 from gqa_convert.calibration.texts import token_share
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.options import Options, option
 from gqa_convert.surgery.methods import METHODS
 from gqa_convert.surgery.recipe_files import load_recipe
-from gqa_convert.surgery.recipes import DEFAULT_RECIPE, RECIPES, Recipe
+from gqa_convert.surgery.recipes import DEFAULT_RECIPE, FALLBACK_RECIPE, RECIPES, Recipe
 from gqa_convert.units import DTYPE_NAMES, parse_size
 
 __all__ = ["ConversionOptions", "ExpandOptions", "PoolOptions"]
@@ -90,6 +92,7 @@ class PoolOptions(ConversionOptions):
                 f"--recipe must be a recipe name, a YAML file or a Recipe, not {self.recipe!r} "
                 f"({type(self.recipe).__name__})"
             )
+        object.__setattr__(self, "default_recipe", self.recipe is None and self.method is None)
         recipe = self.recipe or RECIPES[self.method or DEFAULT_RECIPE]
         if self.method is not None and recipe.method != self.method:
             raise GQAConvertError(
@@ -112,11 +115,6 @@ class PoolOptions(ConversionOptions):
             raise GQAConvertError(
                 f"recipe {recipe.name} calibrates on text of the model's domain: pass --calib-data FILE "
                 "(e.g. a few thousand lines of the text it will serve)"
-            )
-        if not recipe.needs_user_text and self.calib_data:
-            warnings.warn(
-                f"--calib-data ignored: recipe {recipe.name} calibrates on {recipe.calibration.text} text",
-                stacklevel=4,
             )
         token_share(self.calibration_text)
 
@@ -146,13 +144,28 @@ class PoolOptions(ConversionOptions):
     def calibration_text(self) -> CalibrationText:
         """What the calibration reads."""
         settings = self.resolved_recipe.calibration
-        data = self.calib_data if self.resolved_recipe.needs_user_text else ()
-        return CalibrationText(settings.text, data, settings.tokens, settings.seq_len, self.calib_text_column)
+        generation = Generation(settings.openings, settings.temperature, settings.top_p, settings.seed)
+        return CalibrationText(
+            settings.text, self.calib_data, settings.tokens, settings.seq_len, self.calib_text_column, generation
+        )
 
     @property
     def inputs(self) -> tuple[str, ...]:
         """What pool reads besides the source: the calibration texts and a recipe file."""
         return (*self.calib_data, *([self.recipe_file] if self.recipe_file else []))
+
+    def for_architecture(self, architecture: Architecture) -> PoolOptions:
+        """These options, or, where the default recipe cannot run on this architecture (fused q/k/v
+        projections), the fallback recipe with a warning naming what it costs."""
+        if not self.default_recipe or architecture.projections is not None:  # type: ignore[attr-defined]
+            return self
+        warnings.warn(
+            f"the default recipe {DEFAULT_RECIPE} needs separate q/k/v/o projections and {architecture.model_type} "
+            f"fuses them: recipe {FALLBACK_RECIPE} instead, which leaves the model far from the source until it is "
+            "uptrained (SmolLM2-135M to MQA: perplexity about 14,000 against 16.9; aligned-self: see docs/results.md)",
+            stacklevel=3,
+        )
+        return self.replace(recipe=FALLBACK_RECIPE)
 
     @property
     def calibration_device(self) -> str:

@@ -115,6 +115,12 @@ RECIPES: dict[str, Recipe] = {
             "sequential; no refinement",
         ),
         _recipe(
+            "aligned-self",
+            "aligned, calibrated on text the source model writes itself: needs no data (texts given with "
+            "--calib-data join it)",
+            calibration=dict(text="self"),
+        ),
+        _recipe(
             "aligned-refined",
             "aligned, then 100 Adam steps per layer fitting the merged attention to the decoder block's output",
             refine=dict(steps=100),
@@ -147,4 +153,5 @@ RECIPES: dict[str, Recipe] = {
         ),
     )
 }
-DEFAULT_RECIPE = "mean"  # what pool runs without --recipe or --method
+DEFAULT_RECIPE = "aligned-self"  # what pool runs without --recipe or --method: the best measured without data
+FALLBACK_RECIPE = "mean"  # the default's stand-in where it cannot run (fused q/k/v projections), with a warning

