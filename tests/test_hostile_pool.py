@@ -62,7 +62,7 @@ def pool_args(model: Path, out: Path, *extra: object) -> list:
         (b"method: aligned\nrefine:\n  steps: -1\n", "steps must be at least 0"),
         (b"method: aligned\nrefine:\n  lr: 0\n", "lr must be greater than 0"),
         (b"method: aligned\ncalibration:\n  tokens: 100000000000\n", "tokens must be at most 1048576"),
-        (b"method: aligned\ncalibration:\n  text: self\n", "text 'self' is not known: choose one of user"),
+        (b"method: aligned\ncalibration:\n  text: web\n", "text 'web' is not known: choose one of user, self"),
         (b"name: null\nmethod: aligned\n", "name must be given"),
         (b"name: ''\nmethod: aligned\n", "name must not be empty"),
         (b"method: aligned\n" + b"# padding\n" * 10000, "a recipe is a few lines of YAML"),
@@ -130,7 +130,9 @@ def test_contradictions_and_impossible_sizes_are_refused_before_any_work(model, 
 )
 def test_inputs_inside_out_are_refused_and_never_deleted(model, tmp_path, where):
     out = tmp_path / "out"
-    runner.invoke(__import__("gqa_convert.cli").cli.app, list(map(str, pool_args(model, out))))  # OUT: ours
+    runner.invoke(
+        __import__("gqa_convert.cli").cli.app, list(map(str, pool_args(model, out, "--recipe", "mean")))
+    )  # OUT: ours
     text, recipe = tmp_path / "calib.txt", tmp_path / "recipe.yaml"
     shutil.copy(SAMPLE, text)
     recipe.write_text("method: aligned\n")
@@ -179,8 +181,11 @@ def test_calibration_text_that_is_not_enough_text_is_one_line(model, tmp_path, m
 @pytest.mark.parametrize(
     "extra, warned",
     [
-        (["--calib-data", SAMPLE], "--calib-data ignored: recipe mean uses no calibration"),
-        (["--calib-tokens", 512, "--calib-seq-len", 64], "--calib-tokens, --calib-seq-len ignored: recipe mean"),
+        (["--recipe", "mean", "--calib-data", SAMPLE], "--calib-data ignored: recipe mean uses no calibration"),
+        (
+            ["--recipe", "mean", "--calib-tokens", 512, "--calib-seq-len", 64],
+            "--calib-tokens, --calib-seq-len ignored: recipe mean",
+        ),
         (["--recipe", "{unused}"], "its aligned settings are not used by method mean with grouping contiguous"),
         (["--recipe", "{steps0}", *CALIBRATE], "refine.lr and refine.target are ignored with refine.steps 0"),
         (

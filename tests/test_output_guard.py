@@ -33,7 +33,7 @@ def model(tmp_path_factory) -> Path:
 def pooled(model, tmp_path_factory) -> Path:
     """A model folder this tool wrote (a pool output)."""
     out = tmp_path_factory.mktemp("guard") / "pooled"
-    result = runner.invoke(app_cli(), ["pool", str(model), "-o", str(out), "-g", "1"])
+    result = runner.invoke(app_cli(), ["pool", str(model), "-o", str(out), "-g", "1", "--recipe", "mean"])
     assert result.exit_code == 0, result.output
     return out
 
@@ -117,7 +117,7 @@ def test_every_command_writes_only_names_the_guard_knows(model, tmp_path):
     --force can replace each of them (and nothing else)."""
     outputs = {}
     for name, args in {
-        "pool": ["pool", model, "-g", 1],
+        "pool": ["pool", model, "-g", 1, "--calib-tokens", 512, "--calib-seq-len", 64],  # the default recipe
         "expand": ["expand", model],
         "tokenize": ["tokenize", SAMPLE, "--tokenizer", model],
     }.items():

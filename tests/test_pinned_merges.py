@@ -20,7 +20,7 @@ from gqa_convert.surgery.convert import pool
 from gqa_convert.surgery.recipes import RECIPES
 
 from helpers import calibrated, save_byte_tokenizer, with_settings
-from tiny_models import tiny_config
+from tiny_models import fit_vocabulary, tiny_config
 
 DATA = Path(__file__).parent / "data"
 PINNED = json.loads((DATA / "pinned_merges.json").read_text())
@@ -66,6 +66,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.normal_(0.0, 0.1)
+        fit_vocabulary(model, folder, model_type)  # qwen2's tokenizer class adds a token: one more row
         model.save_pretrained(folder)
         folders[model_type] = folder
     return folders

@@ -121,7 +121,7 @@ def test_library_callers_get_the_cli_checks(tmp_path):
     with pytest.raises(GQAConvertError, match="size 'lots'"):
         PoolOptions(kv_heads=1, max_shard_size="lots")
     with pytest.warns(UserWarning, match="--calib-data, --calib-tokens ignored: recipe mean uses no calibration"):
-        PoolOptions(kv_heads=1, calib_data=("c.txt",), calib_tokens=10)
+        PoolOptions(kv_heads=1, recipe="mean", calib_data=("c.txt",), calib_tokens=10)
 
 
 def test_method_is_the_recipe_of_that_name():

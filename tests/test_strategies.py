@@ -19,7 +19,7 @@ from gqa_convert.train.settings import TrainSettings
 from gqa_convert.train.strategies import resolve_strategy
 
 from helpers import fails
-from tiny_models import build_trainable
+from tiny_models import build_trainable, save_tiny_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -100,10 +100,11 @@ def plan(strategy: str, world: int, accum: int = 1, tokens: str = "train-x", **e
 
 
 def empty_token_folder(folder: Path) -> str:
-    from gqa_convert.data.manifest import MANIFEST, build_manifest
+    from gqa_convert.data.manifest import MANIFEST, build_manifest, tokenizer_identity
 
     folder.mkdir()
-    manifest = build_manifest([], {"eos_token_id": 0}, "uint16", {})
+    identity = tokenizer_identity(save_tiny_tokenizer(folder.parent / "tokenizer"))
+    manifest = build_manifest([], identity, "uint16", {})
     (folder / MANIFEST).write_text(json.dumps(manifest))
     return str(folder)
 

@@ -193,7 +193,8 @@ def source_model(checkpoint: Checkpoint, device: str, dtype: torch.dtype) -> Any
     if available is not None and need > 0.8 * available:
         raise GQAConvertError(
             f"self-generated calibration runs the whole source model ({need / 2**30:.1f} GiB in {dtype}) on "
-            f"{device}, which has {available / 2**30:.1f} GiB free: pass calibration text (--calib-data FILE)"
+            f"{device}, which has {available / 2**30:.1f} GiB free: calibrate on your text instead "
+            "(--recipe aligned --calib-data FILE), or use --recipe mean"
         )
     config = copy.deepcopy(checkpoint.config)
     with torch.device(device):

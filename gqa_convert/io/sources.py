@@ -147,7 +147,8 @@ def check_model_folder(folder: Path) -> Any:
     kv_heads = kv_heads_of(config, arch)
     pickle_fix = (
         "this command reads safetensors; write a safetensors copy once with "
-        f"gqa-convert pool {folder} -o FOLDER --kv-heads {kv_heads} --allow-pickle (the current kv count copies it exactly)"
+        f"gqa-convert pool {folder} -o FOLDER --kv-heads {kv_heads} --recipe mean --allow-pickle "
+        "(the current kv count copies it exactly)"
     )
     tensors = read_weight_headers(folder, allow_pickle=False, pickle_fix=pickle_fix)
     check_tensor_names(config, list(tensors), str(folder))

