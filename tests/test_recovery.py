@@ -164,3 +164,23 @@ def test_a_run_without_matplotlib_warns_once_and_trains(tmp_path, monkeypatch):
         result = uptrain(settings)
     assert result["steps"] == 4 and not (tmp_path / "out" / "recovery.png").exists()
     assert sum("recovery.png" in str(w.message) for w in caught) == 1
+
+
+def test_a_resume_keeps_the_curves_starting_point(tmp_path):
+    """The step-0 row (the start and the source's reference, evaluated before training) is a record:
+    trimming the log to a checkpoint on resume keeps it, without a warning about unreadable lines."""
+    import warnings
+
+    from gqa_convert.train.metrics import read_metrics, trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 0, "tokens": 0, "eval_perplexity": 50.0, "eval_tokens": 64, "source_perplexity": 20.0},
+        {"step": 1, "tokens": 8, "loss": 3.0},
+        {"step": 2, "tokens": 16, "loss": 2.5},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trim_metrics(path, 1)
+    assert read_metrics(path) == rows[:2]

@@ -18,8 +18,8 @@ from gqa_convert.errors import GQAConvertError
 
 METRICS = "metrics.jsonl"
 MAX_LINE = 1 << 16  # no record is longer; a longer line is not one of ours
-_COUNTS = ("step", "tokens", "eval_tokens")  # whole numbers (step from 1)
-_NUMBERS = ("loss", "lr", "tokens_per_s", "grad_norm", "distill_loss", "eval_perplexity")
+_COUNTS = ("step", "tokens", "eval_tokens")  # whole numbers (step 0: the start, evaluated before training)
+_NUMBERS = ("loss", "lr", "tokens_per_s", "grad_norm", "distill_loss", "eval_perplexity", "source_perplexity")
 
 
 def valid_record(record: Any) -> bool:
@@ -28,7 +28,7 @@ def valid_record(record: Any) -> bool:
         return False
     for key in _COUNTS:
         value = record.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "step" else 0):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             return False
     return all(
         record.get(key) is None or (isinstance(record[key], int | float) and not isinstance(record[key], bool))
