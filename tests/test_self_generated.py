@@ -237,7 +237,10 @@ def test_an_ids_file_of_another_tokenizer_or_sequence_length_is_refused_or_warne
     checkpoint = open_checkpoint(tmp_path / "src")
     tokenizer = checkpoint.tokenizer()
     ids = torch.randint(3, 300, (8, 64))
-    ours = write_id_file(tmp_path, "ours", ids, tokenizer, {})
+    ours = write_id_file(tmp_path, "ours", ids, tokenizer, {"seed": 0, "openings": "bos"})
+    twice = write_id_file(tmp_path, "twice", ids, tokenizer, {"openings": "bos", "seed": 0})
+    assert ours.read_bytes() == twice.read_bytes()  # the same ids, the same file
+    assert torch.equal(load_file(ours)["input_ids"], ids.int())
     assert torch.equal(read_id_file(ours, 320, tokenizer), ids)
     assert torch.equal(read_id_file(ours, 320, tokenizer, max_tokens=100), ids[:2])  # only the rows needed
     other = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "src")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.safetensors_format import read_safetensors_header
@@ -55,7 +55,14 @@ def write_id_file(folder: Path, name: str, ids: torch.Tensor, tokenizer: Any, ma
         "made_by": json.dumps(made_by, sort_keys=True),
     }
     path = folder / f"{name}{SUFFIX}"
-    save_file({TENSOR: ids.to(torch.int32).contiguous()}, str(path), metadata=metadata)
+    data = ids.to(torch.int32).numpy().astype("<i4").tobytes()
+    header = {
+        "__metadata__": metadata,
+        TENSOR: {"dtype": "I32", "shape": list(ids.shape), "data_offsets": [0, len(data)]},
+    }
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # the same bytes for the same ids
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns data to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
     rows = len(ids)
     text = "".join(
         f"----- sequence {row + 1} of {rows} -----\n{tokenizer.decode(ids[row].tolist())}\n\n" for row in range(rows)
