@@ -213,3 +213,46 @@ def test_a_recipe_file_may_not_pass_for_a_built_in_it_differs_from(model, tmp_pa
     refused(pool_args(model, out, "--recipe", recipe, *CALIBRATE), "calls itself 'aligned', a built-in", out=out)
     recipe.write_text("name: aligned\nmethod: aligned\n")  # the same as the built-in: it is the built-in
     assert PoolOptions(kv_heads=1, recipe=str(recipe), calib_data=(str(SAMPLE),)).recipe.name == "aligned"
+
+
+def test_the_default_recipe_on_a_short_context_model_names_the_window_to_pass(model, tmp_path):
+    out = tmp_path / "out"
+    refused(
+        ["pool", model, "-o", out, "-g", 1],
+        "--calib-seq-len 512 is above the model's 256 positions",
+        "(--calib-seq-len 256 or less)",
+        out=out,
+        source=model,
+    )
+
+
+def test_an_output_holding_its_calibration_is_replaced_by_force_but_never_fed_its_own_ids(model, tmp_path):
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from gqa_convert.cli import app
+
+    out, sizes = tmp_path / "out", ["--calib-tokens", 512, "--calib-seq-len", 64]
+    previous = os.umask(0o027)
+    try:
+        result = runner.invoke(app, list(map(str, pool_args(model, out, *sizes))))
+    finally:
+        os.umask(previous)
+    assert result.exit_code == 0, result.output
+    kept = out / "calibration" / "self_generated.safetensors"
+    assert {oct(p.stat().st_mode & 0o777) for p in kept.parent.iterdir()} == {oct(0o640)}
+    assert json.loads((out / "gqa_convert.json").read_text())["calibration"]["kept"] == "calibration/"
+    before = snapshot(out)
+    refused(pool_args(model, out, *sizes, "--calib-data", kept, "--force"), "lies inside the output folder")
+    assert snapshot(out) == before
+    shutil.copy(kept, tmp_path / "ids.safetensors")
+    result = runner.invoke(app, list(map(str, pool_args(model, out, *sizes, "--force"))))
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_file(kept)["input_ids"], load_file(tmp_path / "ids.safetensors")["input_ids"])  # seeded
+    again = pool_args(model, out, "--recipe", "aligned", "--calib-data", tmp_path / "ids.safetensors", *sizes)
+    result = runner.invoke(app, list(map(str, [*again, "--force"])))
+    assert result.exit_code == 0, result.output
+    assert not (out / "calibration").exists()  # the earlier run's kept text went with it

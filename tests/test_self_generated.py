@@ -221,3 +221,101 @@ def test_a_tampered_ids_file_is_refused(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-5])
     with pytest.raises(GQAConvertError, match=r"truncated|corrupt"):
         read_id_file(truncated, 320)
+
+
+def test_any_temperature_above_zero_draws_and_a_tiny_one_is_the_top_token():
+    logits = torch.randn(6, 50) * 30
+    for temperature in (1e-300, 1e-45, 1e-30):
+        drawn = self_generated._draw(logits, Generation(temperature=temperature), torch.Generator().manual_seed(0))
+        assert torch.equal(drawn, logits.argmax(-1)), temperature
+    hot = self_generated._draw(logits, Generation(temperature=10, top_p=1e-30), torch.Generator().manual_seed(0))
+    assert torch.equal(hot, logits.argmax(-1))  # the smallest nucleus: the top token only
+
+
+def test_an_ids_file_of_another_tokenizer_or_sequence_length_is_refused_or_warned(tmp_path):
+    build(tmp_path / "src")
+    checkpoint = open_checkpoint(tmp_path / "src")
+    tokenizer = checkpoint.tokenizer()
+    ids = torch.randint(3, 300, (8, 64))
+    ours = write_id_file(tmp_path, "ours", ids, tokenizer, {"seed": 0, "openings": "bos"})
+    twice = write_id_file(tmp_path, "twice", ids, tokenizer, {"openings": "bos", "seed": 0})
+    assert ours.read_bytes() == twice.read_bytes()  # the same ids, the same file
+    assert torch.equal(load_file(ours)["input_ids"], ids.int())
+    assert torch.equal(read_id_file(ours, 320, tokenizer), ids)
+    assert torch.equal(read_id_file(ours, 320, tokenizer, max_tokens=100), ids[:2])  # only the rows needed
+    other = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "src")
+    other.add_tokens(["<extra>"])  # one token more: a vocabulary of another size
+    with pytest.raises(GQAConvertError, match="written for another tokenizer of 321 tokens"):
+        read_id_file(write_id_file(tmp_path, "bigger", ids, other, {}), 320, tokenizer)
+    renamed = json.loads((tmp_path / "src" / "tokenizer.json").read_text())  # the same size, other tokens
+    vocab = renamed["model"]["vocab"]
+    first, second = list(vocab)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokenizer.json").write_text(json.dumps(renamed))
+    swapped = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "other" / "tokenizer.json"))
+    assert len(swapped) == len(tokenizer)
+    with pytest.raises(GQAConvertError, match="written for another tokenizer than the model's"):
+        read_id_file(write_id_file(tmp_path, "swapped", ids, swapped, {}), 320, tokenizer)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(ours.read_bytes()[:-5])
+    with pytest.raises(GQAConvertError, match="run that conversion again") as raised:
+        read_id_file(truncated, 320)
+    assert "re-download" not in str(raised.value)
+    with pytest.warns(UserWarning, match="sequences of 64 tokens: windows of --calib-seq-len 32 run across them"):
+        windows = calibration_ids(checkpoint, CalibrationText("user", (str(ours),), 512, 32))
+    assert torch.equal(windows, ids.reshape(-1, 32))
+    (tmp_path / "src" / "tokenizer.json").unlink()  # ids need no tokenizer, but then cannot be checked
+    with pytest.warns(UserWarning, match="has no tokenizer"):
+        calibration_ids(open_checkpoint(tmp_path / "src"), CalibrationText("user", (str(ours),), 512, 64))
+
+
+def test_openings_that_cannot_start_name_a_fix_that_works(tmp_path, monkeypatch):
+    build(tmp_path, chat=True)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.update(bos_token=None, eos_token=None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    checkpoint = open_checkpoint(tmp_path)
+    tokenizer = checkpoint.tokenizer()
+    with pytest.raises(GQAConvertError, match=r"set calibration\.openings to chat in a recipe file"):
+        self_generated.OPENINGS["bos"](tokenizer, 2, torch.Generator())
+    with pytest.warns(UserWarning, match="the auto openings are all chat openings"):
+        auto = self_generated.OPENINGS["auto"](tokenizer, 2, torch.Generator())
+    assert auto == self_generated.OPENINGS["chat"](tokenizer, 2, torch.Generator())
+    tokenizer.chat_template = None  # neither: no openings at all, so the fix is the user's text
+    for openings in ("bos", "chat", "auto"):
+        with pytest.raises(GQAConvertError, match=r"calibrate on your text instead \(--recipe aligned"):
+            self_generated.OPENINGS[openings](tokenizer, 2, torch.Generator())
+    monkeypatch.setattr(self_generated, "source_model", lambda *a: pytest.fail("the model was loaded"))
+    chat = open_checkpoint(tmp_path)
+    with pytest.raises(GQAConvertError, match=r"raise --calib-seq-len above \d+, or set calibration.openings to bos"):
+        self_generate(chat, 2, 8, Generation(openings="chat"))  # refused before the model is loaded
+
+
+def test_the_model_writes_only_its_tokenizers_ids(tmp_path):
+    tokenizer = save_tiny_tokenizer(tmp_path)
+    padded = tiny_config("llama", vocab_size=len(tokenizer) + 64, max_position_embeddings=256)  # padded rows
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(padded, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight[len(tokenizer) :] = 50.0  # the padded rows win every draw unless left out
+    model.save_pretrained(tmp_path)
+    ids = self_generate(open_checkpoint(tmp_path), 3, 16, Generation(openings="bos"))
+    assert int(ids.max()) < len(tokenizer)
+    small = tiny_config("llama", vocab_size=len(tokenizer) - 20, max_position_embeddings=256)
+    transformers.AutoModelForCausalLM.from_config(small).save_pretrained(tmp_path / "small")
+    save_tiny_tokenizer(tmp_path / "small")
+    with pytest.raises(GQAConvertError, match=r"config\.vocab_size"):
+        self_generate(open_checkpoint(tmp_path / "small"), 3, 16, Generation(openings="random"))
+
+
+def test_a_model_too_large_for_the_gpu_names_the_cpu(tmp_path, monkeypatch):
+    build(tmp_path)
+    checkpoint = open_checkpoint(tmp_path)
+    monkeypatch.setattr(self_generated, "_available_bytes", lambda device: 1000 if device.startswith("cuda") else 1e12)
+    with pytest.raises(GQAConvertError, match=r"free: write it on the CPU \(--device cpu"):
+        source_model(checkpoint, "cuda", torch.bfloat16)
+    monkeypatch.setattr(self_generated, "_available_bytes", lambda device: 1000)
+    with pytest.raises(GQAConvertError, match="free: calibrate on your text") as raised:
+        source_model(checkpoint, "cuda", torch.bfloat16)
+    assert "--device cpu" not in str(raised.value)

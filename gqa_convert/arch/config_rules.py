@@ -115,4 +115,6 @@ def check_seq_len(seq_len: int, config: Any, flag: str = "--seq-len") -> None:
         raise GQAConvertError(f"{flag} must be at least 2")
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
-        raise GQAConvertError(f"{flag} {seq_len} is above the model's {positions} positions: lower it")
+        raise GQAConvertError(
+            f"{flag} {seq_len} is above the model's {positions} positions: lower it ({flag} {positions} or less)"
+        )

@@ -9,14 +9,15 @@ encoding unchanged).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.safetensors_format import read_safetensors_header
@@ -25,6 +26,16 @@ FORMAT = "gqa-convert calibration ids"
 FORMAT_VERSION = "1"
 TENSOR = "input_ids"
 SUFFIX = ".safetensors"
+
+
+REWRITE = "give the file a conversion kept in OUT/calibration/, or run that conversion again"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of the tokenizer's vocabulary (every token and its id): ids mean the same text only
+    under the same one."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocabulary.encode("utf-8")).hexdigest()[:16]
 
 
 def is_id_file(data: str | Path) -> bool:
@@ -40,10 +51,18 @@ def write_id_file(folder: Path, name: str, ids: torch.Tensor, tokenizer: Any, ma
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "vocab_size": str(len(tokenizer)),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "made_by": json.dumps(made_by, sort_keys=True),
     }
     path = folder / f"{name}{SUFFIX}"
-    save_file({TENSOR: ids.to(torch.int32).contiguous()}, str(path), metadata=metadata)
+    data = ids.to(torch.int32).numpy().astype("<i4").tobytes()
+    header = {
+        "__metadata__": metadata,
+        TENSOR: {"dtype": "I32", "shape": list(ids.shape), "data_offsets": [0, len(data)]},
+    }
+    encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()  # the same bytes for the same ids
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns data to 8 bytes
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data)
     rows = len(ids)
     text = "".join(
         f"----- sequence {row + 1} of {rows} -----\n{tokenizer.decode(ids[row].tolist())}\n\n" for row in range(rows)
@@ -52,9 +71,13 @@ def write_id_file(folder: Path, name: str, ids: torch.Tensor, tokenizer: Any, ma
     return path
 
 
-def read_id_file(path: str | Path, vocab_size: int) -> torch.Tensor:
+def read_id_file(
+    path: str | Path, vocab_size: int, tokenizer: Any | None = None, max_tokens: int | None = None
+) -> torch.Tensor:
     """The (sequences, tokens) int64 ids of a file write_id_file wrote, checked: its format, one 2-D
-    integer tensor, every id below `vocab_size` (the model's) and not negative."""
+    integer tensor, every id below `vocab_size` (the model's) and not negative, and, where the model's
+    `tokenizer` is given, written for that tokenizer. With `max_tokens`, only the sequences that hold
+    them are read."""
     path = Path(path)
     try:
         infos = read_safetensors_header(path)
@@ -75,16 +98,34 @@ def read_id_file(path: str | Path, vocab_size: int) -> torch.Tensor:
                 raise GQAConvertError(
                     f"{path}: '{TENSOR}' must be a 2-D int32/int64 tensor, not {info.dtype} {info.shape}"
                 )
-            ids = handle.get_tensor(TENSOR).long()
+            if tokenizer is not None:
+                _check_tokenizer(path, metadata, tokenizer)
+            rows = info.shape[0] if max_tokens is None else min(info.shape[0], -(-max_tokens // info.shape[1]))
+            ids = handle.get_slice(TENSOR)[:rows].long()
     except OSError as error:
         raise GQAConvertError(f"{path} could not be read ({os.strerror(error.errno or 0) or error})") from None
-    except GQAConvertError:
+    except GQAConvertError as error:
+        message = str(error)  # the safetensors checks' fix is for downloaded weights
+        if message.endswith("re-download it"):
+            raise GQAConvertError(message.removesuffix("re-download it") + REWRITE) from None
         raise
     except Exception as error:  # safetensors raises its own types for corrupt files
-        raise GQAConvertError(f"{path} is not a readable safetensors file ({error}): write it again") from None
+        raise GQAConvertError(f"{path} is not a readable safetensors file ({error}): {REWRITE}") from None
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         raise GQAConvertError(
             f"{path} holds token ids outside the model's vocabulary (0 .. {vocab_size - 1}): it was written "
             "for another tokenizer; calibrate on text instead"
         )
     return ids
+
+
+def _check_tokenizer(path: Path, metadata: dict[str, str], tokenizer: Any) -> None:
+    """The file was written for this tokenizer: the same number of tokens and, where the file names
+    it, the same vocabulary."""
+    written, fingerprint = metadata.get("vocab_size"), metadata.get("tokenizer")
+    if written != str(len(tokenizer)) or (fingerprint is not None and fingerprint != tokenizer_fingerprint(tokenizer)):
+        size = f" of {written} tokens" if written != str(len(tokenizer)) else ""
+        raise GQAConvertError(
+            f"{path} was written for another tokenizer{size} than the model's ({len(tokenizer)} tokens): its ids "
+            "would mean other text; calibrate on text instead, or on the ids a conversion of this model kept"
+        )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from gqa_convert.arch import kv_cache_bytes_per_token
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import Checkpoint
+from gqa_convert.io.vocabulary import largest_token_id
 
 # Requests for the chat openings: kinds of text, no subject (the model chooses one).
 CHAT_REQUESTS = (
@@ -46,11 +48,25 @@ KV_CACHE_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}  # the generation's KV cache,
 MAX_BATCH = 64  # sequences sampled together, at most
 
 
-def _first(tokenizer: Any) -> int:
+RECIPE_FILE_FIX = "set calibration.openings to {} in a recipe file (gqa-convert recipes aligned-self > r.yaml)"
+TEXT_FIX = "calibrate on your text instead (--recipe aligned --calib-data FILE)"
+
+
+def _start_token(tokenizer: Any) -> int | None:
     first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return None if first is None else int(first)
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _first(tokenizer: Any) -> int:
+    first = _start_token(tokenizer)
     if first is None:
-        raise GQAConvertError("the tokenizer has no beginning- or end-of-text token to start from: use chat openings")
-    return int(first)
+        fix = RECIPE_FILE_FIX.format("chat") if _has_chat_template(tokenizer) else TEXT_FIX
+        raise GQAConvertError(f"the tokenizer has no beginning- or end-of-text token to start from: {fix}")
+    return first
 
 
 def _bos(tokenizer: Any, rows: int, generator: torch.Generator) -> list[list[int]]:
@@ -61,14 +77,15 @@ def _random(tokenizer: Any, rows: int, generator: torch.Generator) -> list[list[
     """The beginning-of-text token, then one token drawn uniformly from the vocabulary (not a special
     one), as LLM-QAT starts its generations: every sequence starts somewhere else."""
     special = set(tokenizer.all_special_ids)
-    ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
+    ordinary = torch.tensor(sorted(set(tokenizer.get_vocab().values()) - special))
     drawn = ordinary[torch.randint(len(ordinary), (rows,), generator=generator)]
     return [[_first(tokenizer), int(token)] for token in drawn]
 
 
 def _chat(tokenizer: Any, rows: int, generator: torch.Generator) -> list[list[int]]:
-    if not getattr(tokenizer, "chat_template", None):
-        raise GQAConvertError("the tokenizer has no chat template: use the bos or random openings")
+    if not _has_chat_template(tokenizer):
+        fix = RECIPE_FILE_FIX.format("bos or random") if _start_token(tokenizer) is not None else TEXT_FIX
+        raise GQAConvertError(f"the tokenizer has no chat template for the chat openings: {fix}")
     prompts = []
     for request in CHAT_REQUESTS:
         ids = tokenizer.apply_chat_template(
@@ -79,9 +96,16 @@ def _chat(tokenizer: Any, rows: int, generator: torch.Generator) -> list[list[in
 
 
 def _auto(tokenizer: Any, rows: int, generator: torch.Generator) -> list[list[int]]:
-    """Chat openings and random ones alternately where the tokenizer has a chat template, else random."""
-    if not getattr(tokenizer, "chat_template", None):
+    """Chat openings and random ones alternately where the tokenizer has a chat template, else random;
+    chat only (with a warning) where it has no beginning- or end-of-text token to start random ones from."""
+    if not _has_chat_template(tokenizer):
         return _random(tokenizer, rows, generator)
+    if _start_token(tokenizer) is None:
+        warnings.warn(
+            "the tokenizer has no beginning- or end-of-text token: the auto openings are all chat openings",
+            stacklevel=2,
+        )
+        return _chat(tokenizer, rows, generator)
     chats, randoms = _chat(tokenizer, (rows + 1) // 2, generator), _random(tokenizer, rows // 2, generator)
     return [(chats if row % 2 == 0 else randoms)[row // 2] for row in range(rows)]
 
@@ -107,13 +131,28 @@ class Generation:
 
 
 def _draw(logits: torch.Tensor, settings: Generation, generator: torch.Generator) -> torch.Tensor:
-    """One token per row from float32 logits (rows, vocab), on the CPU: the same draws on any device."""
-    probs = torch.softmax(logits.float().cpu() / settings.temperature, dim=-1)
+    """One token per row from the logits (rows, vocab), on the CPU: the same draws on any device. In
+    float64 and from the logits less their maximum, so that any temperature above 0, however small,
+    gives a distribution (the top token's weight is exp(0) = 1), never inf/inf."""
+    logits = logits.double().cpu()
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / settings.temperature, dim=-1)
     if settings.top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # the mass before it already covers p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_openings(prompts: list[list[int]], seq_len: int) -> int:
+    """The longest opening's length, which must leave room for the model to write in every window."""
+    width = max(len(p) for p in prompts)
+    if width >= seq_len:
+        raise GQAConvertError(
+            f"the openings are up to {width} tokens long, which leaves nothing to write in windows of "
+            f"--calib-seq-len {seq_len}: raise --calib-seq-len above {width}, or "
+            + RECIPE_FILE_FIX.format("bos or random")
+        )
+    return width
 
 
 @torch.no_grad()
@@ -124,16 +163,14 @@ def sample(
     settings: Generation,
     generator: torch.Generator,
     on_step: Callable[[], None] | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """(len(prompts), seq_len) token ids: each prompt followed by the model's samples (one batch; the
     prompts are left-padded, positions counted from each one's first token), drawn with `generator` (a
-    CPU generator). `on_step()` after each token written to every row."""
+    CPU generator) among the first `vocab` ids (the tokenizer's: not the rows a model's embedding is
+    padded with). `on_step()` after each token written to every row."""
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    if width >= seq_len:
-        raise GQAConvertError(
-            f"the openings are {width} tokens long: raise the sequence length (--calib-seq-len) or use the bos openings"
-        )
+    width = _check_openings(prompts, seq_len)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -154,7 +191,7 @@ def sample(
             **{cache_name: cache},
         )
         cache = output[cache_name]
-        token = _draw(output.logits[:, -1], settings, generator)
+        token = _draw(output.logits[:, -1, :vocab], settings, generator)
         written.append(token)
         inputs, positions = token[:, None], positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.long)], dim=1)
@@ -188,13 +225,16 @@ def source_model(checkpoint: Checkpoint, device: str, dtype: torch.dtype) -> Any
     from the tensors our loader reads (one at a time), or an error naming the fix when it cannot fit."""
     from transformers import AutoModelForCausalLM
 
-    need = sum(math.prod(info.shape) for info in checkpoint.tensors.values()) * dtype.itemsize
-    available = _available_bytes(device)
+    parameters = sum(math.prod(info.shape) for info in checkpoint.tensors.values())
+    need, available = parameters * dtype.itemsize, _available_bytes(device)
     if available is not None and need > 0.8 * available:
+        cpu_need, cpu_available = parameters * generation_dtype("cpu").itemsize, _available_bytes("cpu")
+        on_cpu = device.startswith("cuda") and (cpu_available is None or cpu_need <= 0.8 * cpu_available)
+        fix = "write it on the CPU (--device cpu; slower), " if on_cpu else ""
         raise GQAConvertError(
-            f"self-generated calibration runs the whole source model ({need / 2**30:.1f} GiB in {dtype}) on "
-            f"{device}, which has {available / 2**30:.1f} GiB free: calibrate on your text instead "
-            "(--recipe aligned --calib-data FILE), or use --recipe mean"
+            f"self-generated calibration runs the whole source model ({need / 2**30:.1f} GiB in "
+            f"{str(dtype).removeprefix('torch.')}) on {device}, which has {available / 2**30:.1f} GiB free: {fix}"
+            f"{TEXT_FIX.replace(' instead', '')}, or use --recipe mean"
         )
     config = copy.deepcopy(checkpoint.config)
     with torch.device(device):
@@ -235,7 +275,10 @@ def self_generate(
     if rows < 1 or seq_len < 2:
         raise GQAConvertError("self-generated calibration needs at least one sequence of 2 tokens or more")
     generator = torch.Generator().manual_seed(settings.seed)  # one stream of draws: openings, then every batch
-    openings = OPENINGS[settings.openings](checkpoint.tokenizer(), rows, generator)
+    tokenizer = checkpoint.tokenizer(check_vocab=True)  # its ids enter the model
+    openings = OPENINGS[settings.openings](tokenizer, rows, generator)
+    _check_openings(openings, seq_len)  # before the model is loaded
+    vocab = largest_token_id(tokenizer) + 1
     dtype = generation_dtype(device)
     model = source_model(checkpoint, device, dtype)
     size = batch_size(checkpoint.config, checkpoint.kv_heads(), seq_len, dtype, device)
@@ -247,7 +290,7 @@ def self_generate(
             count = min(size, rows - start)
             prompts = openings[start : start + count]
             parts.append(
-                sample(model, prompts, seq_len, settings, generator, lambda n=count: progress.advance(task, n))
+                sample(model, prompts, seq_len, settings, generator, lambda n=count: progress.advance(task, n), vocab)
             )
             progress.update(task, completed=(start + count) * seq_len)
     del model

@@ -12,9 +12,11 @@ back as --calib-data calibrates on exactly those ids.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,7 +55,14 @@ class TextSource:
 
 def _text_windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
     if is_id_file(data):  # ids a conversion kept (the model's own text): exactly those, not re-tokenized
-        ids = read_id_file(data, int(checkpoint.config.vocab_size)).reshape(-1)[:tokens]
+        sequences = read_id_file(data, int(checkpoint.config.vocab_size), _tokenizer(checkpoint, data), tokens)
+        if sequences.shape[1] != seq_len:
+            warnings.warn(
+                f"{data} holds sequences of {sequences.shape[1]} tokens: windows of --calib-seq-len {seq_len} "
+                f"run across them (--calib-seq-len {sequences.shape[1]} calibrates on them as they were written)",
+                stacklevel=2,
+            )
+        ids = sequences.reshape(-1)[:tokens]
     else:
         check_data(data)
         ids = tokenize_text(checkpoint.tokenizer(check_vocab=True), read_text(data, text_column), max_tokens=tokens)
@@ -64,6 +73,19 @@ def _text_windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, 
             f"(--calib-tokens {tokens} per text, --calib-seq-len {seq_len}); give more text"
         )
     return ids[: windows * seq_len].view(windows, seq_len)
+
+
+def _tokenizer(checkpoint: Checkpoint, data: str) -> Any | None:
+    """The model's tokenizer, to check an ids file against; where the model has none, a warning that
+    the file cannot be checked (its ids need no tokenizer)."""
+    try:
+        return checkpoint.tokenizer()
+    except GQAConvertError:
+        warnings.warn(
+            f"{checkpoint.source} has no tokenizer: {data} cannot be checked to be written for this model's",
+            stacklevel=3,
+        )
+        return None
 
 
 def _user_windows(checkpoint: Checkpoint, text: CalibrationText, share: int) -> list[torch.Tensor]:
