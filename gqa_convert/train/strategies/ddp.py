@@ -24,6 +24,7 @@ from gqa_convert.train.plan import TrainPlan
 from gqa_convert.train.runtime import Runtime
 from gqa_convert.train.strategies.loading import (
     build_optimizer,
+    compile_blocks,
     empty_causal_lm,
     freeze_all_but_attention,
     load_into,
@@ -61,6 +62,14 @@ class DataParallel:
             freeze_all_but_attention(root.causal_lm)
         if self.settings.gradient_checkpointing:
             root.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.compiles():
+            compile_blocks(root.causal_lm)
+
+    def compiles(self) -> bool:
+        """--compile: auto compiles on GPUs only (on CPU compiling costs more than a short run saves)."""
+        if self.settings.compile == "auto":
+            return self.runtime.device.type == "cuda"
+        return self.settings.compile == "on"
 
     def teacher_layout(self, root: nn.Module) -> None:
         pass
