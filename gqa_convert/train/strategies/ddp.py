@@ -102,8 +102,9 @@ class DataParallel:
         loss = loss / self.plan.grad_accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self) -> float | None:
-        """Clip (the norm over every shard), step, zero; returns the norm before clipping."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clip (the norm over every shard), step, zero; returns the norm before clipping (a tensor on
+        the device: reading it waits for the step, which the loop leaves for later)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.settings.grad_clip
@@ -117,7 +118,7 @@ class DataParallel:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def set_hyperparameters(self, lr: float) -> None:
         set_hyperparameters(self.optimizer, lr, self.settings.weight_decay)

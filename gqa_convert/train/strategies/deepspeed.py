@@ -85,7 +85,7 @@ class DeepSpeedZero3(DataParallel):
     def backward(self, loss: torch.Tensor) -> None:
         self.runtime.accelerator.backward(loss)  # the engine divides by the accumulation steps and steps
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | float | None:
         self.optimizer.step()  # a no-op: the engine stepped at the end of the accumulation
         self.optimizer.zero_grad()
         norm = self.model.get_global_grad_norm()
