@@ -9,6 +9,7 @@ seen as the line each tool appends per step (uptrain's metrics.jsonl, the Traine
 includes data loading, the optimizer, logging and every other per-step cost of either tool.
 
     python scripts/bench_uptrain.py --data TEXT [--steps 30 --repeats 3 --report bench_uptrain.json]
+    python scripts/bench_uptrain.py --data TEXT --compile on          # uptrain's decoder blocks compiled
     python scripts/bench_uptrain.py --data TEXT --gpu                   # ~1.1B Llama in bf16: tokens/s and MFU
     python scripts/bench_uptrain.py --data TEXT --gpu --strategy fsdp2 --skip-trainer
 
@@ -122,7 +123,7 @@ def run_ours(model: Path, tokens: Path, args: argparse.Namespace, work: Path) ->
     command += ["--tokens", str(args.steps * args.micro_batch_size * args.seq_len), "--seq-len", str(args.seq_len)]
     command += ["--micro-batch-size", str(args.micro_batch_size), "--lr", str(LR), "--warmup-steps", "1"]
     command += ["--min-lr-ratio", "0", "--save-every", str(10**9), "--num-processes", "1", "--strategy", args.strategy]
-    command += ["--mixed-precision", "bf16" if args.gpu else "no"]
+    command += ["--mixed-precision", "bf16" if args.gpu else "no", "--compile", args.compile]
     return watch(command, out / "metrics.jsonl", work / "log.txt")
 
 
@@ -202,6 +203,12 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp2"], help="uptrain's strategy (one process)")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="uptrain's --compile (its compilation falls in the warmup steps, left out of the timing)",
+    )
     parser.add_argument("--report", type=Path, default=Path("bench_uptrain.json"), help="the JSON report")
     parser.add_argument("--trainer-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,6 +250,7 @@ def main() -> None:
             "steps": args.steps,
             "warmup": args.warmup,
             "strategy": args.strategy,
+            "compile": args.compile,
             "order": order,
         }
         for tool in tools:

@@ -103,6 +103,7 @@ class Trainer:
             runtime.accelerator.init_trackers("gqa-convert", config=tracked)
         self.metrics = MetricsLog(plan.out, runtime.accelerator, runtime.is_main)
         self.step = self.tokens = 0
+        self.clock = time.perf_counter()  # when the step being timed started (train, settle)
         self.saved = 0  # the step of the newest checkpoint on disk
 
     def state_dict(self) -> dict[str, int]:
@@ -129,7 +130,11 @@ class Trainer:
         torch.distributed.barrier()
 
     def train(self) -> None:
-        """Train to the step budget: a step, then evaluation, logging and a checkpoint as they fall due."""
+        """Train to the step budget: a step, then evaluation, logging and a checkpoint as they fall due.
+
+        On GPUs a step's record (its loss, gradient norm) is read back from the device once the next
+        step has been queued, so the host never waits for the device between steps; it is read at
+        once when an evaluation, a checkpoint or the end falls due. Every step's record is written."""
         first = self.step
         progress = TrainProgress(self.runtime.is_main, self.plan.steps, self.step)
         epoch = self.batches.epoch_of(self.tokens // self.settings.seq_len)
@@ -137,7 +142,11 @@ class Trainer:
             source = source_reference(self.strategy, self.eval_ids, self.settings, self.runtime.accelerator)
             self.log({"step": 0, "tokens": 0, **self.evaluate(), **source})
         self.strategy.model.train()
+        deferred = self.defers_reading()
+        pending: dict[str, Any] | None = None  # the previous step's record, not yet read back
         while self.step < self.plan.steps:
+            if pending is None:  # nothing in flight: this step's time starts now
+                self.clock = time.perf_counter()
             record = self.train_step()
             self.step, self.tokens = record["step"], record["tokens"]
             if self.step == first + 1:
@@ -148,18 +157,30 @@ class Trainer:
                     f"data exhausted: starting epoch {new_epoch + 1} (blocks reshuffled, seed {self.settings.seed})"
                 )
                 epoch = new_epoch
-            if self.eval_ids is not None and self.evaluation_due():
+            if pending is not None:
+                self.log(self.settle(pending), progress=progress)
+                pending = None
+            evaluate = self.eval_ids is not None and self.evaluation_due()
+            save = self.step % self.settings.save_every == 0 or self.step == self.plan.steps
+            if deferred and not (evaluate or save):
+                pending = record
+                continue
+            record = self.settle(record)
+            if evaluate:
                 record.update(self.evaluate())
-            self.log(record)
-            progress.update(self.step, self.tokens, record["loss"])
-            if self.step % self.settings.save_every == 0 or self.step == self.plan.steps:
+            self.log(record, progress=progress)
+            if save:
                 self.checkpoint()
         progress.close()
 
+    def defers_reading(self) -> bool:
+        """Whether a step's record is read back one step late: on GPUs; on CPU reading costs no wait."""
+        return self.runtime.device.type == "cuda"
+
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches; returns the step's metrics record."""
+        """One optimizer step over grad_accum micro-batches; returns the step's metrics record, its
+        measured values still on the device (settle reads them)."""
         plan, runtime = self.plan, self.runtime
-        started = time.perf_counter()
         lr = learning_rate(
             self.step, plan.steps, self.settings.lr, self.settings.min_lr_ratio, self.settings.warmup_steps
         )
@@ -172,19 +193,33 @@ class Trainer:
             lm_sum += parts.lm
             kd_sum += parts.kd
         grad_norm = self.strategy.step()
-        seconds = time.perf_counter() - started
         reduce = runtime.accelerator.reduce
         record = {
             "step": self.step + 1,
             "tokens": (self.step + 1) * plan.step_tokens,
-            "loss": round(reduce(lm_sum / plan.grad_accum, "mean").item(), 6),  # the LM loss, with or without a teacher
+            "loss": reduce(lm_sum / plan.grad_accum, "mean"),  # the LM loss, with or without a teacher
             "lr": lr,
-            "tokens_per_s": round(plan.step_tokens / seconds, 1),
-            "grad_norm": None if grad_norm is None else round(grad_norm, 4),
+            "grad_norm": grad_norm,
         }
         if self.strategy.teacher is not None:
-            record["distill_loss"] = round(reduce(kd_sum / plan.grad_accum, "mean").item(), 6)
+            record["distill_loss"] = reduce(kd_sum / plan.grad_accum, "mean")
         return record
+
+    def settle(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record with its values read back (waiting for its step to finish) and the step's
+        throughput: tokens over the time since the previous step finished (or this one started)."""
+
+        def read(key: str, digits: int) -> float | None:
+            return None if record.get(key) is None else round(float(record[key]), digits)
+
+        settled = {"step": record["step"], "tokens": record["tokens"], "loss": read("loss", 6), "lr": record["lr"]}
+        now = time.perf_counter()
+        settled["tokens_per_s"] = round(self.plan.step_tokens / max(now - self.clock, 1e-9), 1)
+        self.clock = now
+        settled["grad_norm"] = read("grad_norm", 4)
+        if "distill_loss" in record:
+            settled["distill_loss"] = read("distill_loss", 6)
+        return settled
 
     def forward_backward(self, inputs: torch.Tensor, last: bool) -> LossParts:
         """One micro-batch: the teacher's hidden states, the student's chunked losses, backward."""
@@ -230,12 +265,14 @@ class Trainer:
         self.strategy.after_eval()
         return {"eval_perplexity": round(result["perplexity"], 4), "eval_tokens": result["tokens"]}
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any], progress: TrainProgress | None = None) -> None:
         with writing("metrics.jsonl", self._kept(), path=self.metrics.path):
             self.metrics.write(record)
             plotted = "eval_perplexity" in record or record["step"] % self.settings.save_every == 0
             if self.runtime.is_main and (plotted or record["step"] == self.plan.steps):
                 refresh_recovery_plot(self.plan.out, self.settings.model)
+        if progress is not None:
+            progress.update(record["step"], record["tokens"], record["loss"])
 
     def checkpoint(self) -> None:
         fmt = STRATEGIES[self.plan.strategy].checkpoint_format

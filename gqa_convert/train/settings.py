@@ -14,6 +14,7 @@ from gqa_convert.units import parse_size, parse_tokens
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 TRAINABLE = ("all", "attention")
 REPORTERS = ("none", "tensorboard", "wandb")
+COMPILE = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,13 @@ class TrainSettings(Options):
         "auto", help="auto (bf16 on GPUs that have it, else no), no, bf16, fp16", choices=PRECISIONS
     )
     gradient_checkpointing: bool = option(False, help="trade compute for memory", flags=("--gradient-checkpointing",))
+    compile: str = option(
+        "auto",
+        help="torch.compile each decoder block (regional: one compilation shared by all blocks): auto is on with "
+        "CUDA GPUs and off on CPU, where compiling first costs ~30 s (2 cores, a 20M-parameter Llama) and saves "
+        "~10% of a step, a loss on short runs; on, off (not under deepspeed)",
+        choices=COMPILE,
+    )
     trainable: str = option("all", help="all, or attention (q/k/v/o only: less optimizer memory)", choices=TRAINABLE)
     seed: int = option(0, help="data order seed", min=0)
     save_every: int = option(500, help="optimizer steps between checkpoints", min=1)

@@ -44,8 +44,9 @@ class Strategy(Protocol):
     def autocast(self) -> contextlib.AbstractContextManager: ...
     def teacher_head(self) -> contextlib.AbstractContextManager[Head]: ...
     def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> float | None:
-        """Clip, step and zero the gradients; the gradient norm before clipping."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clip, step and zero the gradients; the gradient norm before clipping (may be a tensor still
+        on the device: the loop reads it when it writes the step's record)."""
 
     def set_hyperparameters(self, lr: float) -> None:
         """This step's learning rate, and the run's weight decay (also over a resumed optimizer)."""

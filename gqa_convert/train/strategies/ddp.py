@@ -24,6 +24,7 @@ from gqa_convert.train.plan import TrainPlan
 from gqa_convert.train.runtime import Runtime
 from gqa_convert.train.strategies.loading import (
     build_optimizer,
+    compile_blocks,
     empty_causal_lm,
     freeze_all_but_attention,
     load_into,
@@ -61,6 +62,14 @@ class DataParallel:
             freeze_all_but_attention(root.causal_lm)
         if self.settings.gradient_checkpointing:
             root.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.compiles():
+            compile_blocks(root.causal_lm)
+
+    def compiles(self) -> bool:
+        """--compile: auto compiles on GPUs only (on CPU compiling costs more than a short run saves)."""
+        if self.settings.compile == "auto":
+            return self.runtime.device.type == "cuda"
+        return self.settings.compile == "on"
 
     def teacher_layout(self, root: nn.Module) -> None:
         pass
@@ -93,8 +102,9 @@ class DataParallel:
         loss = loss / self.plan.grad_accum
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self) -> float | None:
-        """Clip (the norm over every shard), step, zero; returns the norm before clipping."""
+    def step(self) -> torch.Tensor | float | None:
+        """Clip (the norm over every shard), step, zero; returns the norm before clipping (a tensor on
+        the device: reading it waits for the step, which the loop leaves for later)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.settings.grad_clip
@@ -108,7 +118,7 @@ class DataParallel:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
 
     def set_hyperparameters(self, lr: float) -> None:
         set_hyperparameters(self.optimizer, lr, self.settings.weight_decay)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
 from gqa_convert.train.losses import CausalLMWithChunkedLoss, FrozenTeacher, Head, head_of
 from gqa_convert.train.strategies.ddp import DataParallel
@@ -38,6 +39,12 @@ def configure_deepspeed(accelerator: Any, micro_batch: int, grad_accum: int, gra
 
 class DeepSpeedZero3(DataParallel):
     fused_optimizer = False
+
+    def compiles(self) -> bool:
+        """Not under ZeRO-3 (its partitioned parameters are swapped in by hooks; not tested compiled)."""
+        if self.settings.compile == "on":
+            raise GQAConvertError("--compile on is not supported by the deepspeed strategy: use --compile auto or off")
+        return False
 
     def prepare(self) -> None:  # loads its own way
         import deepspeed
@@ -78,7 +85,7 @@ class DeepSpeedZero3(DataParallel):
     def backward(self, loss: torch.Tensor) -> None:
         self.runtime.accelerator.backward(loss)  # the engine divides by the accumulation steps and steps
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | float | None:
         self.optimizer.step()  # a no-op: the engine stepped at the end of the accumulation
         self.optimizer.zero_grad()
         norm = self.model.get_global_grad_norm()

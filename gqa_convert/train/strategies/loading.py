@@ -35,7 +35,10 @@ def empty_causal_lm(source: str | Path, dtype: torch.dtype) -> Any:
     config = model_config(source)
     config.use_cache = False
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:  # torch's scaled_dot_product_attention, named rather than left to transformers' default
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        except ValueError:  # an architecture without an SDPA path: its own attention
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def load_into(
@@ -72,6 +75,15 @@ def decoder_layers(causal_lm: Any) -> list[nn.Module]:
     return list(causal_lm.get_submodule(arch.layers_path))
 
 
+def compile_blocks(causal_lm: Any) -> None:
+    """Regional compilation: each decoder block's forward through torch.compile. The blocks share one
+    compiled graph (same code, parameters as inputs), so compiling costs one block's time, not the
+    model's; the modules stay as they are (parameter names, checkpoints), and the hooks around a block
+    (sharding, gradient checkpointing) run eagerly around its compiled forward."""
+    for layer in decoder_layers(causal_lm):
+        layer.forward = torch.compile(layer.forward)
+
+
 def freeze_all_but_attention(causal_lm: Any) -> None:
     """--trainable attention: only each layer's attention module (q/k/v/o and their norms) trains."""
     arch = architecture_for(causal_lm.config.to_dict())
@@ -94,8 +106,11 @@ def build_optimizer(model: nn.Module, weight_decay: float, lr: float, fused: boo
         {"params": decay, "weight_decay": weight_decay, "decay": True},
         {"params": no_decay, "weight_decay": 0.0, "decay": False},
     ]
-    # fused: one kernel for all parameters (what the HF Trainer uses); not with sharded (DTensor) parameters
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+    # fused: one kernel for all parameters (what the HF Trainer uses), not with sharded (DTensor) parameters;
+    # else foreach (multi-tensor ops), which torch picks by itself on GPUs only (on CPU: a loop per tensor)
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=True)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
