@@ -44,3 +44,20 @@ def task_model(tmp_path_factory) -> Path:
 def other_task_model(tmp_path_factory) -> Path:
     """The same shapes and tokenizer as task_model, other weights (a stand-in for a converted model)."""
     return _task_model(tmp_path_factory.mktemp("task-model-other") / "model", seed=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder holding the tiny trained tokenizer (tokenize tests)."""
+    from tiny_models import save_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    save_tiny_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)

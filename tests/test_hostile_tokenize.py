@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 
 from gqa_convert.data import cuts
 from gqa_convert.data.readers import unit_documents
@@ -30,22 +29,9 @@ from gqa_convert.data.units import Columns, plan_units
 from gqa_convert.errors import GQAConvertError
 
 from helpers import partial_leftovers, reference_cuts, snapshot
-from tiny_models import save_tiny_tokenizer
 
 UNIT = 16 << 10
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    save_tiny_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def run(data: Path, out: Path, tokenizer_dir: Path, **overrides) -> dict:

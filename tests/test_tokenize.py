@@ -24,22 +24,8 @@ from gqa_convert.data.tokenize import TokenizeOptions, tokenize
 from gqa_convert.data.tokens import TokenBlocks, TokenStream
 from gqa_convert.errors import GQAConvertError
 
-from tiny_models import save_tiny_tokenizer
-
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
 UNIT = 16 << 10  # the smallest unit: every range boundary is tested many times over
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tokenizer")
-    save_tiny_tokenizer(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 def corpus_text(paragraphs: int, seed: int = 0) -> str:
