@@ -232,6 +232,23 @@ def test_any_temperature_above_zero_draws_and_a_tiny_one_is_the_top_token():
     assert torch.equal(hot, logits.argmax(-1))  # the smallest nucleus: the top token only
 
 
+def test_draws_follow_the_tempered_distribution_and_its_nucleus():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    rows = 40_000
+    for settings in (Generation(temperature=1.0), Generation(temperature=0.5), Generation(temperature=2.0, top_p=0.8)):
+        expected = torch.softmax(logits.double() / settings.temperature, dim=-1)
+        if settings.top_p < 1:  # the smallest set of top tokens whose mass reaches top_p, renormalised
+            kept = (expected.cumsum(-1) - expected) < settings.top_p  # logits are sorted descending here
+            expected = torch.where(kept, expected, 0.0)
+            expected /= expected.sum()
+        drawn = self_generated._draw(logits.expand(rows, -1), settings, torch.Generator().manual_seed(1))
+        frequencies = torch.bincount(drawn, minlength=len(logits)).double() / rows
+        sigma = (expected * (1 - expected) / rows).sqrt()
+        assert torch.all((frequencies - expected).abs() <= 5 * sigma + 1e-12), (settings, frequencies, expected)
+        if settings.top_p < 1:
+            assert frequencies[~kept].sum() == 0 and kept.sum() < len(logits)
+
+
 def test_an_ids_file_of_another_tokenizer_or_sequence_length_is_refused_or_warned(tmp_path):
     build(tmp_path / "src")
     checkpoint = open_checkpoint(tmp_path / "src")

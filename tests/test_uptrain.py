@@ -126,6 +126,7 @@ def test_two_processes_train_the_same_global_batches_as_one(model_dir, tmp_path)
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    steps = 120  # killed after step 45, past the checkpoint at 40, and resumed from there
     model = tmp_path / "model"
     build_trainable(model, "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4)
     args = [
@@ -138,7 +139,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         "--lr",
         1e-3,
         "--tokens",
-        200 * 512,
+        steps * 512,
         "--save-every",
         20,
     ]
@@ -154,15 +155,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = len(metrics(killed))
-    assert 40 <= done < 200, "the run must be killed between its checkpoint and its end"
+    assert 40 <= done < steps, "the run must be killed between its checkpoint and its end"
     assert (killed / "checkpoints" / "step-00000040" / "COMPLETE").exists()
 
     resumed = subprocess.run(cli(model, "-o", killed, *args, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step-000000" in resumed.stdout + resumed.stderr
     rows, expected = metrics(killed), metrics(reference)
-    assert [r["step"] for r in rows] == list(range(1, 201))  # none missing, none twice
-    assert rows[-1]["tokens"] == expected[-1]["tokens"] == 200 * 512
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # none missing, none twice
+    assert rows[-1]["tokens"] == expected[-1]["tokens"] == steps * 512
     for a, b in zip(expected, rows):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4), (a, b)
     final = AutoModelForCausalLM.from_pretrained(killed).state_dict()

@@ -140,7 +140,11 @@ def _draw(logits: torch.Tensor, settings: Generation, generator: torch.Generator
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= settings.top_p  # the mass before it already covers p
         probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry,
+    # the largest cost of writing on a CPU); a token of zero probability has an empty interval
+    cdf = probs.cumsum(dim=-1)
+    point = torch.rand(len(probs), 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, point, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
 
 def _check_openings(prompts: list[list[int]], seq_len: int) -> int:
