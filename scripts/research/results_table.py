@@ -7,7 +7,7 @@ on the shipped local tasks with `--baseline` (accuracy and retention, as the lit
 the public command line is used, so every row is reproducible by the command it prints.
 
     python scripts/research/results_table.py --wikitext wiki.test.raw --work /tmp/results \\
-        [--rows mean,self,wikitext,mixed] [--task-limit 200] [--json docs/results_table.json]
+        [--rows mean,self,self-seed1,self-seed2,wikitext,mixed] [--task-limit 100] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ TEXTS = {
     "technical": ROOT / "tests" / "data" / "technical.txt",
     "code": ROOT / "scripts" / "research" / "data" / "code.txt",
 }
-# row name -> (recipe x calibration source label, pool flags; CALIB is the WikiText split's first 70%)
+# row name -> (recipe x calibration source label, pool flags; CALIB is the WikiText split's first 70%,
+# SEEDn a copy of the default recipe with calibration.seed n, written into --work)
 ROWS = {
     "mean": ("mean / none", ["--recipe", "mean"]),
     "self": ("aligned-self (default) / self-generated", []),
-    "wikitext": ("aligned / WikiText", ["--recipe", "aligned", "--calib-data", "CALIB"]),
+    "self-seed1": ("aligned-self / self-generated, seed 1", ["--recipe", "SEED1"]),
+    "self-seed2": ("aligned-self / self-generated, seed 2", ["--recipe", "SEED2"]),
+    "wikitext": ("aligned / WikiText", ["--recipe", "aligned", "--calib-data", "CALIB", "--calib-tokens", "8192"]),
     "mixed": ("aligned-self / self-generated + WikiText", ["--calib-data", "CALIB"]),
 }
 
@@ -61,8 +64,18 @@ def perplexities(model: Path, texts: dict[str, Path]) -> dict[str, float]:
 
 
 def task_scores(model: Path, source: Path, limit: int) -> dict:
-    result = gqa("eval", model, "--tasks", TASKS, "--limit", limit, "--baseline", source, "--json")
+    result = gqa("eval", model, "--tasks", TASKS, "--limit", limit, "--batch-size", 8, "--baseline", source, "--json")
     return json.loads(result.stdout)
+
+
+def seeded_recipe(work: Path, seed: int) -> Path:
+    """The default recipe as `gqa-convert recipes` prints it, with another calibration seed."""
+    text = gqa("recipes", "aligned-self").stdout
+    if "\n  seed: 0\n" not in text:
+        raise SystemExit("the default recipe's calibration seed was not found in `gqa-convert recipes aligned-self`")
+    path = work / f"seed{seed}.yaml"
+    path.write_text(text.replace("\n  seed: 0\n", f"\n  seed: {seed}\n"), encoding="utf-8")
+    return path
 
 
 def main() -> None:
@@ -70,7 +83,7 @@ def main() -> None:
     parser.add_argument("--wikitext", type=Path, required=True, help="WikiText-2's wiki.test.raw")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--task-limit", type=int, default=200, help="examples per task (lm-eval --limit)")
+    parser.add_argument("--task-limit", type=int, default=100, help="examples per task (lm-eval --limit)")
     parser.add_argument("--json", type=Path, default=None, help="append each row as a JSON line here")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -87,6 +100,7 @@ def main() -> None:
         label, flags = ROWS[name]
         out = args.work / name
         flags = [str(calib) if flag == "CALIB" else flag for flag in flags]
+        flags = [str(seeded_recipe(args.work, int(flag[4:]))) if flag.startswith("SEED") else flag for flag in flags]
         command = ["gqa-convert", "pool", str(source), "-o", str(out), "--kv-heads", "1", *flags, "--force"]
         started = time.perf_counter()
         gqa(*command[1:])
