@@ -232,6 +232,14 @@ def test_any_temperature_above_zero_draws_and_a_tiny_one_is_the_top_token():
     assert torch.equal(hot, logits.argmax(-1))  # the smallest nucleus: the top token only
 
 
+def test_scores_that_are_not_finite_stop_with_one_line():
+    for bad in (float("nan"), float("inf")):
+        logits = torch.zeros(3, 10)
+        logits[1, 4] = bad
+        with pytest.raises(GQAConvertError, match="not finite"):
+            self_generated._draw(logits, Generation(), torch.Generator().manual_seed(0))
+
+
 def test_draws_follow_the_tempered_distribution_and_its_nucleus():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
     rows = 40_000

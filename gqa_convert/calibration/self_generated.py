@@ -143,6 +143,11 @@ def _draw(logits: torch.Tensor, settings: Generation, generator: torch.Generator
     # inverse-CDF sampling: one uniform draw per row (torch.multinomial draws one per vocabulary entry,
     # the largest cost of writing on a CPU); a token of zero probability has an empty interval
     cdf = probs.cumsum(dim=-1)
+    if not torch.isfinite(cdf[:, -1]).all():
+        raise GQAConvertError(
+            "the source model's next-token scores are not finite (nan or inf): check its weights, or calibrate "
+            "on your own text (--recipe aligned --calib-data TEXT)"
+        )
     point = torch.rand(len(probs), 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, point, right=True)[:, 0].clamp_max(probs.shape[-1] - 1)
 
