@@ -7,7 +7,7 @@ on the shipped local tasks with `--baseline` (accuracy and retention, as the lit
 the public command line is used, so every row is reproducible by the command it prints.
 
     python scripts/research/results_table.py --wikitext wiki.test.raw --work /tmp/results \\
-        [--rows mean,self,self-seed1,self-seed2,wikitext,mixed] [--task-limit 100] [--json results.jsonl]
+        [--rows mean,self,self-seed1,...] [--task-limit 100] [--json results.jsonl]
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ ROWS = {
     "self": ("aligned-self (default) / self-generated", []),
     "self-seed1": ("aligned-self / self-generated, seed 1", ["--recipe", "SEED1"]),
     "self-seed2": ("aligned-self / self-generated, seed 2", ["--recipe", "SEED2"]),
+    "self-32k": ("aligned-self / self-generated, 32,768 tokens", ["--calib-tokens", "32768"]),
+    "self-seed1-32k": (
+        "aligned-self / self-generated, 32,768 tokens, seed 1",
+        ["--recipe", "SEED1", "--calib-tokens", "32768"],
+    ),
     "wikitext": ("aligned / WikiText", ["--recipe", "aligned", "--calib-data", "CALIB", "--calib-tokens", "8192"]),
     "mixed": ("aligned-self / self-generated + WikiText", ["--calib-data", "CALIB"]),
 }
