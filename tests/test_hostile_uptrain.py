@@ -23,9 +23,9 @@ from typer.testing import CliRunner
 
 from gqa_convert.cli import app
 from gqa_convert.io.output import output_lock
+from gqa_convert.report.metrics import read_records
 from gqa_convert.train.checkpoint import newest_intact
 from gqa_convert.train.launch import uptrain
-from gqa_convert.train.metrics import read_metrics
 from gqa_convert.train.settings import TrainSettings
 
 from helpers import SAMPLE, fails, snapshot
@@ -144,7 +144,7 @@ def test_a_checkpoint_holding_a_pickle_runs_no_code(models, finished, tmp_path, 
         assert result.exit_code == 0, result.output
         resumed = "step-00000002" if outcome == "skipped" else "step-00000004"
         assert f"resumed from {resumed}" in result.output
-        assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+        assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert not marker.exists(), "a pickle in the checkpoint ran code"
 
 
@@ -193,7 +193,7 @@ def test_tampered_metrics_lines_are_dropped_not_a_traceback(models, finished, tm
     with pytest.warns(UserWarning, match=r"metrics.jsonl: dropped 7 unreadable line"):
         result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
     assert result.exit_code == 0, result.output
-    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_records(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -236,6 +236,21 @@ def test_a_finished_run_resumed_says_so_and_changes_nothing(models, finished, tm
     assert result.exit_code == 0, result.output
     assert "is finished (step 4 of 4) and exported: nothing to do" in result.stderr
     assert json.loads(result.stdout)["steps"] == STEPS and snapshot(out) == state
+
+
+@pytest.mark.parametrize("damage", ["removed", "only the step-0 record", "garbage"])
+def test_a_finished_run_without_its_training_log_reports_an_unknown_loss(models, finished, tmp_path, damage):
+    """The summary read back from metrics.jsonl: with no training record left it names that, not a traceback."""
+    out = copy_run(finished, tmp_path, exported=True)
+    log = out / "metrics.jsonl"
+    if damage == "removed":
+        log.unlink()
+    else:
+        log.write_text('{"step": 0, "tokens": 0, "eval_perplexity": 9.5}\n' if damage != "garbage" else "\x00{[\n")
+    with pytest.warns(UserWarning, match="holds no training step: the final loss is not known"):
+        result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"out": str(out), "steps": STEPS, "tokens": STEPS * 128, "final_loss": None}
 
 
 @pytest.mark.parametrize(
@@ -443,8 +458,8 @@ def test_a_damaged_token_folder_of_the_run_is_tokenized_again(models, finished, 
         result = invoke("uptrain", models["model"], "-o", out, *ARGS, "--resume")
     assert result.exit_code == 0, result.output
     assert json.loads((folder / "manifest.json").read_text())["tokens"] > 0
-    assert [r["loss"] for r in read_metrics(out / "metrics.jsonl")] == [
-        r["loss"] for r in read_metrics(finished / "metrics.jsonl")
+    assert [r["loss"] for r in read_records(out / "metrics.jsonl")] == [
+        r["loss"] for r in read_records(finished / "metrics.jsonl")
     ]
 
 

@@ -171,7 +171,8 @@ def test_a_resume_keeps_the_curves_starting_point(tmp_path):
     trimming the log to a checkpoint on resume keeps it, without a warning about unreadable lines."""
     import warnings
 
-    from gqa_convert.train.metrics import read_metrics, trim_metrics
+    from gqa_convert.report.metrics import read_records
+    from gqa_convert.train.metrics import trim_metrics
 
     path = tmp_path / "metrics.jsonl"
     rows = [
@@ -183,4 +184,33 @@ def test_a_resume_keeps_the_curves_starting_point(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trim_metrics(path, 1)
-    assert read_metrics(path) == rows[:2]
+    assert read_records(path) == rows[:2]
+
+
+def test_a_diverged_step_is_written_as_standard_json_and_read_back(tmp_path):
+    """A loss or perplexity that is not finite is written as null (NaN is not JSON), so the log passes
+    its own schema: resume, the summary and the figure keep the step and draw only what is finite."""
+    from types import SimpleNamespace
+
+    from gqa_convert.report.metrics import read_records
+    from gqa_convert.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, SimpleNamespace(trackers=[]), main=True)
+    log.write({"step": 0, "tokens": 0, "eval_perplexity": 40.0, "source_perplexity": 20.0})
+    log.write({"step": 1, "tokens": 8, "loss": 3.0, "grad_norm": 1.5, "lr": 1e-4})
+    log.write({"step": 2, "tokens": 16, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4})
+    log.write({"step": 3, "tokens": 24, "loss": 2.5, "lr": 1e-4, "eval_perplexity": float("inf")})
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not standard JSON")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=strict)["step"] for line in lines] == [0, 1, 2, 3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = read_records(tmp_path / "metrics.jsonl")
+        rows = read_rows(tmp_path / "metrics.jsonl")
+    assert [r.get("loss") for r in records] == [None, 3.0, None, 2.5] and records[2]["grad_norm"] is None
+    assert [row.eval_perplexity for row in rows] == [40.0, None, None, None]
+    loss_line = _lines(recovery_figure(rows, "t").get_axes()[0])["training loss (per step)"]
+    assert list(loss_line.get_xdata()) == [8, 24] and list(loss_line.get_ydata()) == [3.0, 2.5]

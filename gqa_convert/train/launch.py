@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ import torch
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
 from gqa_convert.planning.run_plan import plan_run
+from gqa_convert.report.metrics import METRICS_FILE, read_records
 from gqa_convert.train.data import Batches
 from gqa_convert.train.export import exported
 from gqa_convert.train.loop import run_worker
 from gqa_convert.train.losses import CausalLMWithChunkedLoss
-from gqa_convert.train.metrics import METRICS, read_metrics
 from gqa_convert.train.plan import WORKER_ENV, TrainPlan, prepared
 from gqa_convert.train.runtime import ERROR_ENV, OWNER_ENV, die_with_parent, process_identity
 from gqa_convert.train.settings import TrainSettings
@@ -52,7 +53,12 @@ def uptrain(settings: TrainSettings) -> dict[str, Any]:
             )
         else:
             launch(plan)
-    last = read_metrics(plan.out / METRICS)[-1]
+    trained = [record for record in read_records(plan.out / METRICS_FILE) if record["step"] > 0]
+    if trained:
+        last = trained[-1]
+    else:  # the log was removed or emptied by hand; the run itself is complete
+        warnings.warn(f"{plan.out / METRICS_FILE} holds no training step: the final loss is not known", stacklevel=2)
+        last = {"step": plan.steps, "tokens": plan.steps * plan.step_tokens, "loss": None}
     return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}
 
 
