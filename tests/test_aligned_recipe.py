@@ -226,7 +226,7 @@ def test_recipe_and_device_from_the_cli_reach_the_library_and_the_provenance(tmp
         recorded["recipe"]["aligned"]["key_merge"] == "complex"
         and recorded["recipe"]["aligned"]["output_ridges"] is None
     )
-    generation = {"openings": "auto", "temperature": 1.0, "top_p": 1.0, "seed": 0}  # read by text self only
+    generation = {"openings": "auto", "document_tokens": 256, "temperature": 1.0, "top_p": 1.0, "seed": 0}  # text self
     expected = {"text": "user", "tokens": 512, "seq_len": 64, "sequential": False, **generation}
     assert recorded["recipe"]["calibration"] == expected
     file = tmp_path / "ridges.yaml"

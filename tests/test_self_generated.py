@@ -5,6 +5,7 @@ OUT/calibration and reusable as --calib-data, the mix with the user's text, host
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,20 +104,25 @@ def test_the_generation_model_is_the_source(tmp_path):
 
 
 def test_self_generated_calibration_is_kept_and_reusing_it_gives_the_same_merge(tmp_path):
+    """Documents of 128 tokens, two to a window of 256: kept as written, and given back as --calib-data
+    they fill the windows the same way (whole documents end to end: no warning)."""
     build(tmp_path / "src", chat=True)
-    recipe = with_settings("aligned-self", calibration=dict(openings="chat", seed=1, tokens=1024, seq_len=128))
+    calibration = dict(openings="chat", seed=1, tokens=1024, seq_len=256, document_tokens=128)
+    recipe = with_settings("aligned-self", calibration=calibration)
     pool(tmp_path / "src", tmp_path / "a", PoolOptions(kv_heads=1, recipe=recipe))
     kept = tmp_path / "a" / "calibration" / "self_generated.safetensors"
     ids = read_id_file(kept, 320)
     assert ids.shape == (8, 128)
     text = (tmp_path / "a" / "calibration" / "self_generated.txt").read_text()
-    assert text.count("----- sequence ") == 8 and "assistant:" in text
+    assert text.count("----- sequence ") == 8 and text.count("assistant:") == 8
     record = json.loads((tmp_path / "a" / "gqa_convert.json").read_text())
     calibration = record["recipe"]["calibration"]
     assert (calibration["text"], calibration["openings"], calibration["seed"]) == ("self", "chat", 1)
     assert record["calibration"]["kept"] == "calibration/"
-    again = PoolOptions(kv_heads=1, recipe="aligned", calib_data=(str(kept),), calib_tokens=1024, calib_seq_len=128)
-    pool(tmp_path / "src", tmp_path / "b", again)
+    again = PoolOptions(kv_heads=1, recipe="aligned", calib_data=(str(kept),), calib_tokens=1024, calib_seq_len=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pool(tmp_path / "src", tmp_path / "b", again)
     merged_a, merged_b = (
         load_file(tmp_path / "a" / "model.safetensors"),
         load_file(tmp_path / "b" / "model.safetensors"),
@@ -147,6 +153,23 @@ def _fused(folder: Path):
     return dataclasses.replace(open_checkpoint(folder).architecture, projections=None)
 
 
+def test_the_models_documents_lie_end_to_end_in_the_windows(tmp_path):
+    """Each window holds seq_len / document_tokens whole documents, each from its own opening, in the
+    order written; a document longer than a window is one window's length."""
+    build(tmp_path)
+    checkpoint = open_checkpoint(tmp_path)
+    bos = Generation(openings="bos", seed=2)
+    windows = calibration_ids(checkpoint, CalibrationText("self", (), 128, 32, generation=bos, document_tokens=8))
+    documents = self_generate(checkpoint, 16, 8, bos)
+    assert windows.shape == (4, 32) and torch.equal(windows, documents.reshape(4, 32))
+    start = int(documents[0, 0])
+    assert (windows[:, 0::8] == start).all() and not (windows[:, 1:8] == start).all()
+    uneven = calibration_ids(checkpoint, CalibrationText("self", (), 96, 32, generation=bos, document_tokens=12))
+    assert torch.equal(uneven, self_generate(checkpoint, 8, 12, bos).reshape(-1)[:96].view(3, 32))
+    longer = calibration_ids(checkpoint, CalibrationText("self", (), 64, 32, generation=bos, document_tokens=500))
+    assert torch.equal(longer, self_generate(checkpoint, 2, 32, bos))
+
+
 def test_mixed_calibration_shares_the_tokens_with_the_generated_text(tmp_path):
     build(tmp_path)
     checkpoint = open_checkpoint(tmp_path)
@@ -167,6 +190,9 @@ def test_generation_settings_are_checked():
         dict(seed=-1),
         dict(seed=1.5),
         dict(openings="poem"),
+        dict(document_tokens=1),
+        dict(document_tokens=True),
+        dict(document_tokens=64.0),
     ):
         with pytest.raises(GQAConvertError):
             CalibrationSettings(text="self", **bad)
@@ -313,7 +339,10 @@ def test_openings_that_cannot_start_name_a_fix_that_works(tmp_path, monkeypatch)
             self_generated.OPENINGS[openings](tokenizer, 2, torch.Generator())
     monkeypatch.setattr(self_generated, "source_model", lambda *a: pytest.fail("the model was loaded"))
     chat = open_checkpoint(tmp_path)
-    with pytest.raises(GQAConvertError, match=r"raise --calib-seq-len above \d+, or set calibration.openings to bos"):
+    with pytest.raises(
+        GQAConvertError,
+        match=r"raise --calib-seq-len \(and the .*document_tokens\) above \d+, or set calibration.openings to bos",
+    ):
         self_generate(chat, 2, 8, Generation(openings="chat"))  # refused before the model is loaded
 
 

@@ -157,9 +157,9 @@ def _check_openings(prompts: list[list[int]], seq_len: int) -> int:
     width = max(len(p) for p in prompts)
     if width >= seq_len:
         raise GQAConvertError(
-            f"the openings are up to {width} tokens long, which leaves nothing to write in windows of "
-            f"--calib-seq-len {seq_len}: raise --calib-seq-len above {width}, or "
-            + RECIPE_FILE_FIX.format("bos or random")
+            f"the openings are up to {width} tokens long, which leaves nothing to write in sequences of "
+            f"{seq_len} tokens: raise --calib-seq-len (and the recipe's calibration.document_tokens) above "
+            f"{width}, or " + RECIPE_FILE_FIX.format("bos or random")
         )
     return width
 

@@ -36,6 +36,14 @@ class CalibrationSettings(FileOptions):
         "random token, as LLM-QAT), chat (the chat template around a request for a kind of text), auto (chat "
         "and random alternately; random without a chat template)",
     )
+    document_tokens: int = option(
+        256,
+        min=2,
+        max=MAX_TOKENS,
+        help="text self: the length of each sequence the model writes; a window holds its documents end to "
+        "end (seq_len / document_tokens of them; at most a window's length): more, shorter documents are more "
+        "varied text",
+    )
     temperature: float = option(1.0, above=0, max=10, help="text self: sampling temperature (1: the model's own)")
     top_p: float = option(1.0, above=0, max=1, help="text self: nucleus sampling mass (1: every token)")
     seed: int = option(0, min=0, help="text self: the sampling seed (the same text for the same seed and model)")

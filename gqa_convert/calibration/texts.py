@@ -39,6 +39,7 @@ class CalibrationText:
     generation: Generation = field(default_factory=Generation)  # how the model writes its text (self)
     device: str = "cpu"  # where the model writes it
     keep: Path | None = None  # a folder for the model's text (ids and decoded)
+    document_tokens: int | None = None  # self: the length of each sequence the model writes (None: seq_len)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class TextSource:
 def _text_windows(checkpoint: Checkpoint, data: str, tokens: int, seq_len: int, text_column: str) -> torch.Tensor:
     if is_id_file(data):  # ids a conversion kept (the model's own text): exactly those, not re-tokenized
         sequences = read_id_file(data, int(checkpoint.config.vocab_size), _tokenizer(checkpoint, data), tokens)
-        if sequences.shape[1] != seq_len:
+        if seq_len % sequences.shape[1]:  # whole sequences end to end in a window are as written
             warnings.warn(
                 f"{data} holds sequences of {sequences.shape[1]} tokens: windows of --calib-seq-len {seq_len} "
                 f"run across them (--calib-seq-len {sequences.shape[1]} calibrates on them as they were written)",
@@ -96,14 +97,18 @@ SELF_GENERATED = "self_generated"  # the name of the kept ids (.safetensors) and
 
 
 def _self_windows(checkpoint: Checkpoint, text: CalibrationText, share: int) -> list[torch.Tensor]:
-    """The user's texts, if any, and as many tokens written by the source model (kept in text.keep)."""
+    """The user's texts, if any, and as many tokens written by the source model (kept in text.keep):
+    documents of text.document_tokens, end to end in the windows (as pre-training packs documents)."""
     parts = _user_windows(checkpoint, text, share)
-    generated = self_generate(checkpoint, max(1, share // text.seq_len), text.seq_len, text.generation, text.device)
+    length = min(text.document_tokens or text.seq_len, text.seq_len)
+    windows = max(1, share // text.seq_len)
+    documents = -(-windows * text.seq_len // length)
+    generated = self_generate(checkpoint, documents, length, text.generation, text.device)
     if text.keep is not None:
         text.keep.mkdir(exist_ok=True)
         made_by = {"source": checkpoint.source, "device": text.device, **asdict(text.generation)}
         write_id_file(text.keep, SELF_GENERATED, generated, checkpoint.tokenizer(), made_by)
-    return [*parts, generated]
+    return [*parts, generated.reshape(-1)[: windows * text.seq_len].view(windows, text.seq_len)]
 
 
 TEXT_SOURCES: dict[str, TextSource] = {

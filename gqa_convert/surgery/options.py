@@ -146,7 +146,13 @@ class PoolOptions(ConversionOptions):
         settings = self.resolved_recipe.calibration
         generation = Generation(settings.openings, settings.temperature, settings.top_p, settings.seed)
         return CalibrationText(
-            settings.text, self.calib_data, settings.tokens, settings.seq_len, self.calib_text_column, generation
+            settings.text,
+            self.calib_data,
+            settings.tokens,
+            settings.seq_len,
+            self.calib_text_column,
+            generation,
+            document_tokens=settings.document_tokens,
         )
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -29,19 +30,46 @@ TEXTS = {
     "code": ROOT / "scripts" / "research" / "data" / "code.txt",
 }
 # row name -> (recipe x calibration source label, pool flags; CALIB is the WikiText split's first 70%,
-# SEEDn a copy of the default recipe with calibration.seed n, written into --work)
+# RECIPE:key=value,... the default recipe with those calibration settings, written into --work)
+LONG = "document_tokens=512"  # window-long documents: the default before documents of 256
 ROWS = {
     "mean": ("mean / none", ["--recipe", "mean"]),
     "self": ("aligned-self (default) / self-generated", []),
-    "self-seed1": ("aligned-self / self-generated, seed 1", ["--recipe", "SEED1"]),
-    "self-seed2": ("aligned-self / self-generated, seed 2", ["--recipe", "SEED2"]),
-    "self-32k": ("aligned-self / self-generated, 32,768 tokens", ["--calib-tokens", "32768"]),
-    "self-seed1-32k": (
-        "aligned-self / self-generated, 32,768 tokens, seed 1",
-        ["--recipe", "SEED1", "--calib-tokens", "32768"],
+    "self-seed1": ("aligned-self / self-generated, seed 1", ["--recipe", "RECIPE:seed=1"]),
+    "self-seed2": ("aligned-self / self-generated, seed 2", ["--recipe", "RECIPE:seed=2"]),
+    "long": ("aligned-self / window-long documents", ["--recipe", f"RECIPE:{LONG}"]),
+    "long-seed1": ("aligned-self / window-long documents, seed 1", ["--recipe", f"RECIPE:seed=1,{LONG}"]),
+    "long-seed2": ("aligned-self / window-long documents, seed 2", ["--recipe", f"RECIPE:seed=2,{LONG}"]),
+    "long-32k": (
+        "aligned-self / window-long documents, 32,768 tokens",
+        ["--recipe", f"RECIPE:{LONG}", "--calib-tokens", "32768"],
+    ),
+    "long-seed1-32k": (
+        "aligned-self / window-long documents, 32,768 tokens, seed 1",
+        ["--recipe", f"RECIPE:seed=1,{LONG}", "--calib-tokens", "32768"],
+    ),
+    "window256": ("aligned-self / windows of 256", ["--calib-seq-len", "256"]),
+    "window256-seed1": (
+        "aligned-self / windows of 256, seed 1",
+        ["--recipe", "RECIPE:seed=1", "--calib-seq-len", "256"],
+    ),
+    "window256-seed2": (
+        "aligned-self / windows of 256, seed 2",
+        ["--recipe", "RECIPE:seed=2", "--calib-seq-len", "256"],
+    ),
+    "cooler": (
+        "aligned-self / window-long documents, temperature 0.7, top-p 0.9",
+        ["--recipe", f"RECIPE:temperature=0.7,top_p=0.9,{LONG}"],
+    ),
+    "hotter": (
+        "aligned-self / window-long documents, temperature 1.15",
+        ["--recipe", f"RECIPE:temperature=1.15,{LONG}"],
     ),
     "wikitext": ("aligned / WikiText", ["--recipe", "aligned", "--calib-data", "CALIB", "--calib-tokens", "8192"]),
-    "mixed": ("aligned-self / self-generated + WikiText", ["--calib-data", "CALIB"]),
+    "mixed-long": (
+        "aligned-self / window-long documents + WikiText",
+        ["--recipe", f"RECIPE:{LONG}", "--calib-data", "CALIB"],
+    ),
 }
 
 
@@ -73,13 +101,18 @@ def task_scores(model: Path, source: Path, limit: int) -> dict:
     return json.loads(result.stdout)
 
 
-def seeded_recipe(work: Path, seed: int) -> Path:
-    """The default recipe as `gqa-convert recipes` prints it, with another calibration seed."""
+def variant_recipe(work: Path, changes: str) -> Path:
+    """The default recipe as `gqa-convert recipes` prints it, with the calibration settings `changes`
+    (key=value,...) in place of its own."""
     text = gqa("recipes", "aligned-self").stdout
-    if "\n  seed: 0\n" not in text:
-        raise SystemExit("the default recipe's calibration seed was not found in `gqa-convert recipes aligned-self`")
-    path = work / f"seed{seed}.yaml"
-    path.write_text(text.replace("\n  seed: 0\n", f"\n  seed: {seed}\n"), encoding="utf-8")
+    for change in changes.split(","):
+        key, value = change.split("=")
+        line = re.search(rf"\n  {key}: [^\n]*\n", text)
+        if line is None:
+            raise SystemExit(f"calibration.{key} was not found in `gqa-convert recipes aligned-self`")
+        text = text.replace(line.group(0), f"\n  {key}: {value}\n")
+    path = work / f"recipe-{changes.replace(',', '-').replace('=', '')}.yaml"
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -105,7 +138,7 @@ def main() -> None:
         label, flags = ROWS[name]
         out = args.work / name
         flags = [str(calib) if flag == "CALIB" else flag for flag in flags]
-        flags = [str(seeded_recipe(args.work, int(flag[4:]))) if flag.startswith("SEED") else flag for flag in flags]
+        flags = [str(variant_recipe(args.work, flag[7:])) if flag.startswith("RECIPE:") else flag for flag in flags]
         command = ["gqa-convert", "pool", str(source), "-o", str(out), "--kv-heads", "1", *flags, "--force"]
         started = time.perf_counter()
         gqa(*command[1:])
