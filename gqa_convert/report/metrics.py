@@ -97,6 +97,11 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def last_trained(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last record of a training step (step 0 is the evaluation before training), or None."""
+    return next((record for record in reversed(records) if record["step"] > 0), None)
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsRow:
     """What the recovery curve draws of one record."""

@@ -19,7 +19,7 @@ from gqa_convert.io.provenance import PROVENANCE_FILE, new_record, read_record, 
 from gqa_convert.io.side_files import copy_side_files, write_config
 from gqa_convert.io.sources import open_checkpoint
 from gqa_convert.io.writer import INDEX_NAME, ShardedWriter, TensorSpec
-from gqa_convert.report.metrics import METRICS_FILE, read_records
+from gqa_convert.report.metrics import METRICS_FILE, last_trained, read_records
 from gqa_convert.train.plan import TrainPlan
 from gqa_convert.train.strategies import Strategy
 from gqa_convert.train.strategies.loading import source_dtype
@@ -90,7 +90,7 @@ def _move_in(staging: Path, out: Path) -> None:
 def _write_provenance(folder: Path, plan: TrainPlan, steps: int, tokens: int) -> None:
     settings = plan.settings
     record = read_record(Path(settings.model)) or new_record(settings.model, {})
-    metrics = read_records(Path(settings.out) / METRICS_FILE)
+    last = last_trained(read_records(Path(settings.out) / METRICS_FILE))
     record["uptrain"] = {
         "version": __version__,
         "model": str(settings.model),
@@ -100,6 +100,6 @@ def _write_provenance(folder: Path, plan: TrainPlan, steps: int, tokens: int) ->
         "budget": plan.budget_origin,
         "steps": steps,
         "tokens": tokens,
-        "final_loss": metrics[-1].get("loss") if metrics else None,
+        "final_loss": None if last is None else last["loss"],
     }
     write_record(folder, record)

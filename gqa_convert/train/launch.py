@@ -19,7 +19,7 @@ import torch
 from gqa_convert.errors import GQAConvertError
 from gqa_convert.io.sources import load_causal_lm
 from gqa_convert.planning.run_plan import plan_run
-from gqa_convert.report.metrics import METRICS_FILE, read_records
+from gqa_convert.report.metrics import METRICS_FILE, last_trained, read_records
 from gqa_convert.train.data import Batches
 from gqa_convert.train.export import exported
 from gqa_convert.train.loop import run_worker
@@ -53,10 +53,8 @@ def uptrain(settings: TrainSettings) -> dict[str, Any]:
             )
         else:
             launch(plan)
-    trained = [record for record in read_records(plan.out / METRICS_FILE) if record["step"] > 0]
-    if trained:
-        last = trained[-1]
-    else:  # the log was removed or emptied by hand; the run itself is complete
+    last = last_trained(read_records(plan.out / METRICS_FILE))
+    if last is None:  # the log was removed or emptied by hand; the run itself is complete
         warnings.warn(f"{plan.out / METRICS_FILE} holds no training step: the final loss is not known", stacklevel=2)
         last = {"step": plan.steps, "tokens": plan.steps * plan.step_tokens, "loss": None}
     return {"out": str(settings.out), "steps": last["step"], "tokens": last["tokens"], "final_loss": last["loss"]}
